@@ -1,0 +1,18 @@
+"""Method-agnostic machinery: configs, injection, the wrapper model, checkpoint I/O."""
+
+from structpeft.core.checkpoint import CheckpointError
+from structpeft.core.config import AdapterConfig, register_method
+from structpeft.core.layers import AdaptedLayer, AdapterDelta, LayerGeometry, layer_geometry
+from structpeft.core.model import PeftModel, get_peft_model
+
+__all__ = [
+    "AdaptedLayer",
+    "AdapterConfig",
+    "AdapterDelta",
+    "CheckpointError",
+    "LayerGeometry",
+    "PeftModel",
+    "get_peft_model",
+    "layer_geometry",
+    "register_method",
+]

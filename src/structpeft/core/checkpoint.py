@@ -1,0 +1,149 @@
+"""Adapter checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``, HF PEFT's layout.
+
+Keys are ``base_model.model.<module path>.<parameter>`` with the adapter name left out, so a
+structpeft LoRA and an HF PEFT LoRA read each other. Loading checks everything before it changes
+the model; writes go to a temporary file that is renamed into place. Nothing is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from structpeft.core.config import AdapterConfig, configs_from_dict, configs_to_dict
+from structpeft.core.targets import get_submodule, unwrapped
+
+if TYPE_CHECKING:
+    from structpeft.core.layers import AdapterDelta
+    from structpeft.core.model import PeftModel
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model; the model was left unchanged."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _base_model_name(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", "") or type(model).__name__
+
+
+def adapter_state_dict(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in model.adapted_layers():
+        if adapter in layer.adapters:
+            for delta in layer.adapters[adapter].values():
+                for key, value in delta.state_dict().items():
+                    state[f"{KEY_PREFIX}{name}.{key}"] = value
+    for name, module in model._saved_modules():
+        if adapter in module.copies:
+            for key, value in module.copies[adapter].state_dict().items():
+                state[f"{KEY_PREFIX}{name}.{key}"] = value
+    return state
+
+
+def save_adapter(model: PeftModel, adapter: str, directory: str | os.PathLike) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    config = configs_to_dict(model.peft_config[adapter], _base_model_name(model.base_model))
+    # Weights first: a crash between the two writes leaves the old config, which then fails to
+    # load loudly (key mismatch) rather than loading a half-written adapter.
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[list[AdapterConfig], dict[str, torch.Tensor]]:
+    path = Path(path)
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"no {CONFIG_NAME} in {path}: is this an adapter folder written by save_pretrained()?")
+    if not weights_file.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise CheckpointError(
+                f"{path} holds adapter_model.bin, a pickle, which structpeft never loads; "
+                "re-save it as safetensors (HF PEFT: save_pretrained(..., safe_serialization=True))"
+            )
+        raise CheckpointError(f"no {WEIGHTS_NAME} in {path}")
+    try:
+        configs = configs_from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file} is not a valid adapter config: {e}") from e
+    try:
+        tensors = load_file(weights_file)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_file} cannot be read ({e}); it is truncated or corrupt: save it again") from e
+    return configs, tensors
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_into_plan(
+    model: PeftModel,
+    plan: dict[str, dict[str, AdapterDelta]],
+    saved_modules: list[str],
+    tensors: dict[str, torch.Tensor],
+    path: str | os.PathLike,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Check ``tensors`` against the planned deltas and heads, then fill the deltas.
+
+    Returns the heads' state dicts, keyed by module path, to load once they exist. Raises
+    :class:`CheckpointError` (naming the keys) before anything is written.
+    """
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, deltas in plan.items():
+        for delta in deltas.values():
+            expected.update({f"{KEY_PREFIX}{name}.{k}": tuple(v.shape) for k, v in delta.state_dict().items()})
+    heads = {name: unwrapped(get_submodule(model.base_model, name)).state_dict() for name in saved_modules}
+    for name, state in heads.items():
+        expected.update({f"{KEY_PREFIX}{name}.{k}": tuple(v.shape) for k, v in state.items()})
+
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(
+        f"{k} (checkpoint {tuple(tensors[k].shape)}, model {expected[k]})"
+        for k in set(expected) & set(tensors)
+        if tuple(tensors[k].shape) != expected[k]
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatches: {_listing(wrong)}")
+    if problems:
+        raise CheckpointError(
+            f"adapter at {path} does not fit this {type(model.base_model).__name__}: " + "; ".join(problems)
+            + ". Was it saved for another model or with another config? The model is unchanged."
+        )
+
+    for name, deltas in plan.items():
+        for delta in deltas.values():
+            prefix = f"{KEY_PREFIX}{name}."
+            delta.load_state_dict({k: tensors[prefix + k] for k in delta.state_dict()})
+    return {name: {k: tensors[f"{KEY_PREFIX}{name}.{k}"] for k in state} for name, state in heads.items()}

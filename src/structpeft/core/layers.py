@@ -1,0 +1,177 @@
+"""The wrapper that puts trainable deltas beside a frozen layer, and what it needs to know of layers.
+
+A method contributes an :class:`AdapterDelta` per (adapter, target layer). The wrapper owns the
+frozen ``base_layer`` and, keyed by adapter name then by method, the deltas; its forward has one
+branch order for every method: disabled -> base; otherwise base (with any merged deltas already in
+its weight) plus each active, unmerged delta in turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layers store their weight as (in, out); only needed when transformers is used.
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core usable
+    HFConv1D = None
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """The shape facts of a supported layer that methods build deltas from.
+
+    ``weight_shape`` is always in the (d_out, d_in/groups, *kernel) convention used by METHODS.md;
+    ``transposed`` says the layer stores its weight as the transpose (HF Conv1D, nn.Embedding).
+    """
+
+    kind: str  # "linear" | "conv" | "embedding"
+    in_features: int
+    out_features: int
+    weight_shape: tuple[int, ...]
+    transposed: bool = False
+    groups: int = 1
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.weight_shape) - 2
+
+
+SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding"
+
+
+def layer_geometry(layer: nn.Module, name: str = "") -> LayerGeometry:
+    if isinstance(layer, nn.Linear):
+        return LayerGeometry("linear", layer.in_features, layer.out_features, tuple(layer.weight.shape))
+    if HFConv1D is not None and isinstance(layer, HFConv1D):
+        d_in, d_out = layer.weight.shape
+        return LayerGeometry("linear", d_in, d_out, (d_out, d_in), transposed=True)
+    if isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        return LayerGeometry(
+            "conv", layer.in_channels, layer.out_channels, tuple(layer.weight.shape), groups=layer.groups
+        )
+    if isinstance(layer, nn.Embedding):
+        num, dim = layer.weight.shape
+        return LayerGeometry("embedding", num, dim, (dim, num), transposed=True)
+    raise TypeError(
+        f"module {name or '?'!r} is a {type(layer).__name__}, which structpeft cannot adapt; "
+        f"supported layers: {SUPPORTED_LAYERS}. Drop it from target_modules."
+    )
+
+
+def conv_like(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Apply ``weight`` to ``x`` with ``layer``'s stride, padding, dilation and padding mode."""
+    conv = _CONV_FN[weight.dim() - 2]
+    if layer.padding_mode != "zeros":
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        return conv(x, weight, None, layer.stride, 0, layer.dilation, groups)
+    return conv(x, weight, None, layer.stride, layer.padding, layer.dilation, groups)
+
+
+def pointwise_conv(x: torch.Tensor, matrix: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Mix channels of a (B, C, *spatial) tensor by ``matrix`` (C_out, C_in/groups): a 1x1 conv."""
+    spatial = x.dim() - 2
+    return _CONV_FN[spatial](x, matrix.reshape(*matrix.shape, *(1,) * spatial), groups=groups)
+
+
+class AdapterDelta(nn.Module):
+    """One method's trainable update to one frozen layer, for one adapter.
+
+    ``forward(x, result, base_layer)`` returns the adapted output given the layer input ``x`` and
+    the output so far. Mergeable deltas also give ``delta_weight`` in the (d_out, d_in/groups,
+    *kernel) convention and may give ``delta_bias``.
+    """
+
+    mergeable: bool = True
+
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged into weights")
+
+    def delta_bias(self, base_layer: nn.Module) -> torch.Tensor | None:
+        return None
+
+
+class AdaptedLayer(nn.Module):
+    """A frozen layer plus its deltas: ``adapters[adapter_name][method] -> AdapterDelta``."""
+
+    def __init__(self, base_layer: nn.Module, name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.geometry = layer_geometry(base_layer, name)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if adapter in self.adapters and adapter not in self.merged_adapters:
+                for delta in self.adapters[adapter].values():
+                    result = delta(x, result, self.base_layer)
+        return result
+
+    # -- merging --------------------------------------------------------------------------
+    def unmergeable_methods(self, adapter: str) -> list[str]:
+        return [m for m, d in self.adapters[adapter].items() if not d.mergeable]
+
+    def _to_storage(self, delta_w: torch.Tensor) -> torch.Tensor:
+        return delta_w.T if self.geometry.transposed else delta_w
+
+    def _shift_weights(self, adapter: str, sign: float) -> None:
+        weight = self.base_layer.weight
+        bias = getattr(self.base_layer, "bias", None)
+        with torch.no_grad():
+            for method, delta in self.adapters[adapter].items():
+                dw = self._to_storage(delta.delta_weight(self.base_layer))
+                db = delta.delta_bias(self.base_layer)
+                new_w = weight.float() + sign * dw.float()
+                if not torch.isfinite(new_w).all():
+                    raise ValueError(f"merging adapter {adapter!r} ({method}) gives non-finite weights")
+                weight.copy_(new_w.to(weight.dtype))
+                if db is not None:
+                    if bias is None:
+                        raise ValueError(f"adapter {adapter!r} ({method}) has a bias delta but the layer has no bias")
+                    bias.copy_((bias.float() + sign * db.float()).to(bias.dtype))
+
+    def merge(self, adapter: str) -> None:
+        if adapter in self.adapters and adapter not in self.merged_adapters:
+            self._shift_weights(adapter, +1.0)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            self._shift_weights(self.merged_adapters.pop(), -1.0)
+
+
+class ModulesToSave(nn.Module):
+    """A module kept frozen as ``original_module`` with one trainable full copy per adapter."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.copies = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def active_copy(self) -> nn.Module:
+        if not self.disabled:
+            for adapter in self.active_adapters:
+                if adapter in self.copies:
+                    return self.copies[adapter]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.active_copy()(*args, **kwargs)

@@ -1,0 +1,280 @@
+"""The wrapper model: adds, switches, merges, disables and removes named adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+
+from torch import nn
+
+from structpeft.core import checkpoint
+from structpeft.core.config import AdapterConfig
+from structpeft.core.layers import AdaptedLayer, AdapterDelta, ModulesToSave
+from structpeft.core.targets import get_submodule, named_modules, resolve_targets, set_submodule
+
+DEFAULT_ADAPTER = "default"
+
+
+def _as_list(config: AdapterConfig | list[AdapterConfig]) -> list[AdapterConfig]:
+    configs = list(config) if isinstance(config, list | tuple) else [config]
+    if not configs or not all(isinstance(c, AdapterConfig) for c in configs):
+        raise TypeError("expected an adapter config (e.g. sp.LoraConfig(...)) or a non-empty list of them")
+    return configs
+
+
+class PeftModel(nn.Module):
+    """A base model with structpeft adapters injected in place.
+
+    The base model's own modules are swapped for :class:`AdaptedLayer` wrappers; everything else
+    (its forward, ``generate``, ``config``) is reached through this object as on the base model.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig | list[AdapterConfig],
+                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, list[AdapterConfig]] = {}
+        self.active_adapters: list[str] = [adapter_name]
+        self.frozen_adapters: set[str] = set()  # loaded with is_trainable=False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # -- the layers structpeft put in -----------------------------------------------------
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        return ((n, m) for n, m in named_modules(self.base_model) if isinstance(m, AdaptedLayer))
+
+    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+        return ((n, m) for n, m in named_modules(self.base_model) if isinstance(m, ModulesToSave))
+
+    # -- adding and removing --------------------------------------------------------------
+    def plan_adapter(self, adapter_name: str, configs: list[AdapterConfig]) -> dict[str, dict[str, AdapterDelta]]:
+        """Build an adapter's deltas without touching the model: ``{layer path: {method: delta}}``.
+
+        Every error (unknown target, unsupported layer, a method targeting a layer twice) is raised
+        here, before anything changes.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
+        saved = {n for n, _ in self._saved_modules()}
+        plan: dict[str, dict[str, AdapterDelta]] = {}
+        for config in configs:
+            if not config.target_modules and config.modules_to_save:
+                continue  # a config may only keep heads trainable
+            method = config.peft_type.lower()
+            for name in resolve_targets(self.base_model, config.target_modules, exclude=saved):
+                layer = get_submodule(self.base_model, name)
+                base = layer.base_layer if isinstance(layer, AdaptedLayer) else layer
+                deltas = plan.setdefault(name, {})
+                if method in deltas:
+                    raise ValueError(
+                        f"module {name!r} is targeted twice by {config.peft_type} configs in adapter "
+                        f"{adapter_name!r}; make their target_modules disjoint"
+                    )
+                deltas[method] = config.create_delta(base, name).to(base.weight.device)
+        return plan
+
+    def attach_adapter(self, adapter_name: str, configs: list[AdapterConfig],
+                       plan: dict[str, dict[str, AdapterDelta]]) -> None:
+        """Put a planned adapter into the model (the step that cannot fail on user input)."""
+        for name, deltas in plan.items():
+            layer = get_submodule(self.base_model, name)
+            if not isinstance(layer, AdaptedLayer):
+                layer = AdaptedLayer(layer, name)
+                set_submodule(self.base_model, name, layer)
+            layer.adapters[adapter_name] = nn.ModuleDict(deltas)
+        for name in self._modules_to_save_names(configs):
+            module = get_submodule(self.base_model, name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                set_submodule(self.base_model, name, module)
+            module.copies[adapter_name] = copy.deepcopy(module.original_module)
+        self.peft_config[adapter_name] = configs
+        self._refresh()
+
+    def _modules_to_save_names(self, configs: list[AdapterConfig]) -> list[str]:
+        entries = sorted({e for c in configs for e in (c.modules_to_save or [])})
+        return resolve_targets(self.base_model, entries) if entries else []
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig | list[AdapterConfig]) -> None:
+        configs = _as_list(config)
+        self._modules_to_save_names(configs)  # validate before building anything
+        self.attach_adapter(adapter_name, configs, self.plan_adapter(adapter_name, configs))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_exists([adapter_name])
+        for name, layer in list(self.adapted_layers()):
+            if adapter_name in layer.merged_adapters:
+                raise ValueError(f"adapter {adapter_name!r} is merged in {name!r}; unmerge_adapter() first")
+        for name, layer in list(self.adapted_layers()):
+            if adapter_name in layer.adapters:
+                del layer.adapters[adapter_name]
+            if not layer.adapters:
+                set_submodule(self.base_model, name, layer.base_layer)
+        for name, module in list(self._saved_modules()):
+            if adapter_name in module.copies:
+                del module.copies[adapter_name]
+            if not module.copies:
+                set_submodule(self.base_model, name, module.original_module)
+        del self.peft_config[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self._refresh()
+
+    # -- which adapters act ---------------------------------------------------------------
+    def _check_exists(self, names: list[str]) -> None:
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown}; this model has {sorted(self.peft_config)}")
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters the active ones (their deltas add) and the only trainable ones."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_exists(names)
+        self.active_adapters = names
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Push the active set into every wrapper; only active, trainable adapters get gradients."""
+        wrappers = [(m, m.adapters) for _, m in self.adapted_layers()]
+        wrappers += [(m, m.copies) for _, m in self._saved_modules()]
+        for wrapper, per_adapter in wrappers:
+            wrapper.active_adapters = list(self.active_adapters)
+            for adapter, params in per_adapter.items():
+                params.requires_grad_(adapter in self.active_adapters and adapter not in self.frozen_adapters)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model as it was: no delta, original heads."""
+        wrappers = [m for _, m in self.adapted_layers()] + [m for _, m in self._saved_modules()]
+        for m in wrappers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in wrappers:
+                m.disabled = False
+
+    # -- merging --------------------------------------------------------------------------
+    def _check_mergeable(self, adapters: list[str]) -> None:
+        blocked = [
+            f"{name} ({', '.join(methods)})"
+            for name, layer in self.adapted_layers()
+            for a in adapters
+            if a in layer.adapters and (methods := layer.unmergeable_methods(a))
+        ]
+        if blocked:
+            raise ValueError(
+                "cannot merge: these modules carry deltas that do not fold into weights: "
+                + "; ".join(blocked) + ". Nothing was merged."
+            )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        self._check_exists(names)
+        self._check_mergeable(names)
+        for _, layer in self.adapted_layers():
+            for a in names:
+                layer.merge(a)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapted_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapters into the weights and return the plain base model."""
+        self.merge_adapter()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Return the base model with every wrapper removed (unmerged deltas are dropped)."""
+        for name, layer in list(self.adapted_layers()):
+            set_submodule(self.base_model, name, layer.base_layer)
+        for name, module in list(self._saved_modules()):
+            set_submodule(self.base_model, name, module.active_copy())
+        return self.base_model
+
+    # -- reporting ------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        The default adapter goes in ``save_directory`` itself, others in a sub-folder of their
+        name, as HF PEFT lays them out.
+        """
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        self._check_exists(names)
+        for adapter in names:
+            target = save_directory if adapter == DEFAULT_ADAPTER else os.path.join(save_directory, adapter)
+            checkpoint.save_adapter(self, adapter, target)
+
+    def load_adapter(self, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
+                     is_trainable: bool = False) -> None:
+        """Load a saved adapter under ``adapter_name``; on any error the model is left as it was."""
+        configs, tensors = checkpoint.read_adapter(path)
+        try:
+            plan = self.plan_adapter(adapter_name, configs)
+        except (ValueError, TypeError) as e:
+            saved_for = configs[0].extra.get("base_model_name_or_path") or "an unnamed model"
+            raise checkpoint.CheckpointError(
+                f"adapter at {path} (saved for {saved_for}) does not fit this "
+                f"{type(self.base_model).__name__}: {e}. The model is unchanged."
+            ) from e
+        saved = self._modules_to_save_names(configs)
+        heads = checkpoint.load_into_plan(self, plan, saved, tensors, path)
+        if not is_trainable:
+            self.frozen_adapters.add(adapter_name)
+        self.attach_adapter(adapter_name, configs, plan)
+        for name, state in heads.items():
+            get_submodule(self.base_model, name).copies[adapter_name].load_state_dict(state)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
+                        is_trainable: bool = False) -> PeftModel:
+        """Wrap ``model`` with the adapter saved at ``path``."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.base_model = model
+        self.peft_config = {}
+        self.active_adapters = [adapter_name]
+        self.frozen_adapters = set()
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in flags:
+            p.requires_grad_(False)
+        try:
+            self.load_adapter(path, adapter_name, is_trainable=is_trainable)
+        except BaseException:
+            for p, flag in flags:  # a failed load leaves the model as it was
+                p.requires_grad_(flag)
+            raise
+        return self
+
+
+def get_peft_model(model: nn.Module, config: AdapterConfig | list[AdapterConfig],
+                   adapter_name: str = DEFAULT_ADAPTER) -> PeftModel:
+    """Inject the adapter described by ``config`` (one method, or a list composed) into ``model``."""
+    return PeftModel(model, config, adapter_name)

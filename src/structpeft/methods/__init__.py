@@ -1,0 +1,6 @@
+"""One sub-package per method; importing it registers the method's config for checkpoint loading."""
+
+from structpeft.methods.flora import FloraConfig
+from structpeft.methods.lora import LoraConfig
+
+__all__ = ["FloraConfig", "LoraConfig"]

@@ -1,0 +1,4 @@
+from structpeft.methods.flora.config import FloraConfig
+from structpeft.methods.flora.layer import FloraDelta, tucker_to_tensor
+
+__all__ = ["FloraConfig", "FloraDelta", "tucker_to_tensor"]

@@ -1,0 +1,74 @@
+"""FLoRA deltas: a Tucker core and one factor per weight mode (arXiv 2405.14739)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from structpeft.core.layers import AdapterDelta, conv_like, layer_geometry, pointwise_conv
+from structpeft.methods.flora.config import FloraConfig
+
+
+def mode_product(t: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
+    """``t ×_mode u``: replace mode ``mode`` of ``t`` (size r) by u's rows, u of shape (I, r)."""
+    return torch.movedim(torch.tensordot(t, u, dims=([mode], [1])), -1, mode)
+
+
+def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor | None]) -> torch.Tensor:
+    """``core ×_1 U_1 ... ×_N U_N``; a ``None`` factor leaves its mode as it is."""
+    for mode, u in enumerate(factors):
+        if u is not None:
+            core = mode_product(core, u, mode)
+    return core
+
+
+class FloraDelta(AdapterDelta):
+    """``ΔW = s · G ×_1 U_out ×_2 U_in ×_3 U_k1 ...`` applied without building ΔW where possible.
+
+    Linear/embedding: three thin matmuls. Conv with groups == 1: a 1x1 conv by U_in^T, the small
+    (r_out, r_in, k..) kernel ``G ×_3 U_k1 ...`` with the base's stride/padding/dilation, then a 1x1
+    conv by U_out; exact, since zero padding commutes with channel mixing. Grouped convs use the
+    dense (C_out, C_in/groups, k..) delta.
+    """
+
+    def __init__(self, layer: nn.Module, name: str, config: FloraConfig) -> None:
+        super().__init__()
+        geo = layer_geometry(layer, name)
+        self.kind = geo.kind
+        self.groups = geo.groups
+        self.ranks = config.ranks_for(geo, name)
+        self.scaling = config.alpha / self.ranks[0]
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.flora_core = nn.Parameter(torch.empty(self.ranks))  # G: (r_1, .., r_N)
+        self.flora_factors = nn.ParameterList(  # U_n: (I_n, r_n)
+            nn.Parameter(torch.empty(size, rank)) for size, rank in zip(geo.weight_shape, self.ranks)
+        )
+        self.reset_parameters(config.init_weights, config.factor_init)
+
+    @torch.no_grad()
+    def reset_parameters(self, zero_start: bool, factor_init: str) -> None:
+        for u in self.flora_factors:
+            nn.init.orthogonal_(u) if factor_init == "orthogonal" else nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+        nn.init.zeros_(self.flora_core) if zero_start else nn.init.normal_(self.flora_core, std=0.1)
+
+    def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        core, (u_out, u_in, *u_kernel) = self.flora_core, list(self.flora_factors)
+        if self.kind == "embedding":
+            h = F.embedding(x, u_in) @ core.T @ u_out.T  # (..., dim)
+        elif self.kind == "linear":
+            h = self.dropout(x.to(core.dtype)) @ u_in @ core.T @ u_out.T  # (..., d_out)
+        elif self.groups == 1:
+            h = pointwise_conv(self.dropout(x.to(core.dtype)), u_in.T)  # (B, r_in, ..)
+            kernel = tucker_to_tensor(core, [None, None, *u_kernel])  # (r_out, r_in, k..)
+            h = conv_like(base_layer, h, kernel, groups=1)  # (B, r_out, ..')
+            h = pointwise_conv(h, u_out)  # (B, C_out, ..')
+        else:
+            dense = tucker_to_tensor(core, list(self.flora_factors))  # (C_out, C_in/groups, k..)
+            h = conv_like(base_layer, self.dropout(x.to(core.dtype)), dense, self.groups)
+        return result + (self.scaling * h).to(result.dtype)
+
+    def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
+        return self.scaling * tucker_to_tensor(self.flora_core, list(self.flora_factors))
