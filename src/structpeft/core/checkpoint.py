@@ -121,13 +121,22 @@ def load_into_plan(
     heads = {name: unwrapped(get_submodule(model.base_model, name)).state_dict() for name in saved_modules}
     for name, state in heads.items():
         expected.update({f"{KEY_PREFIX}{name}.{k}": tuple(v.shape) for k, v in state.items()})
+    # HF PEFT also saves the whole base weight of an adapted embedding (for resized vocabularies)
+    # as `<path>.base_layer.weight`; such keys are optional and are loaded into the base layer.
+    base_layers = {name: unwrapped(get_submodule(model.base_model, name)).state_dict() for name in plan}
+    optional = {
+        f"{KEY_PREFIX}{name}.base_layer.{k}": tuple(v.shape)
+        for name, state in base_layers.items()
+        for k, v in state.items()
+    }
 
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected) - set(optional))
+    shapes = {**optional, **expected}
     wrong = sorted(
-        f"{k} (checkpoint {tuple(tensors[k].shape)}, model {expected[k]})"
-        for k in set(expected) & set(tensors)
-        if tuple(tensors[k].shape) != expected[k]
+        f"{k} (checkpoint {tuple(tensors[k].shape)}, model {shapes[k]})"
+        for k in set(shapes) & set(tensors)
+        if tuple(tensors[k].shape) != shapes[k]
     )
     problems = []
     if missing:
@@ -138,7 +147,8 @@ def load_into_plan(
         problems.append(f"shape mismatches: {_listing(wrong)}")
     if problems:
         raise CheckpointError(
-            f"adapter at {path} does not fit this {type(model.base_model).__name__}: " + "; ".join(problems)
+            f"adapter at {path} does not fit this {type(model.base_model).__name__}: "
+            + "; ".join(problems)
             + ". Was it saved for another model or with another config? The model is unchanged."
         )
 
@@ -146,4 +156,8 @@ def load_into_plan(
         for delta in deltas.values():
             prefix = f"{KEY_PREFIX}{name}."
             delta.load_state_dict({k: tensors[prefix + k] for k in delta.state_dict()})
+        base_keys = [k for k in base_layers[name] if f"{KEY_PREFIX}{name}.base_layer.{k}" in tensors]
+        if base_keys:
+            layer = unwrapped(get_submodule(model.base_model, name))
+            layer.load_state_dict({k: tensors[f"{KEY_PREFIX}{name}.base_layer.{k}"] for k in base_keys}, strict=False)
     return {name: {k: tensors[f"{KEY_PREFIX}{name}.{k}"] for k in state} for name, state in heads.items()}

@@ -29,9 +29,7 @@ def config_class_for(peft_type: str) -> type[AdapterConfig]:
         return _REGISTRY[peft_type]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY)) or "none"
-        raise ValueError(
-            f"unknown peft_type {peft_type!r} in adapter config; structpeft knows: {known}"
-        ) from None
+        raise ValueError(f"unknown peft_type {peft_type!r} in adapter config; structpeft knows: {known}") from None
 
 
 @dataclass

@@ -31,8 +31,9 @@ class PeftModel(nn.Module):
     (its forward, ``generate``, ``config``) is reached through this object as on the base model.
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig | list[AdapterConfig],
-                 adapter_name: str = DEFAULT_ADAPTER) -> None:
+    def __init__(
+        self, model: nn.Module, config: AdapterConfig | list[AdapterConfig], adapter_name: str = DEFAULT_ADAPTER
+    ) -> None:
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, list[AdapterConfig]] = {}
@@ -90,8 +91,9 @@ class PeftModel(nn.Module):
                 deltas[method] = config.create_delta(base, name).to(base.weight.device)
         return plan
 
-    def attach_adapter(self, adapter_name: str, configs: list[AdapterConfig],
-                       plan: dict[str, dict[str, AdapterDelta]]) -> None:
+    def attach_adapter(
+        self, adapter_name: str, configs: list[AdapterConfig], plan: dict[str, dict[str, AdapterDelta]]
+    ) -> None:
         """Put a planned adapter into the model (the step that cannot fail on user input)."""
         for name, deltas in plan.items():
             layer = get_submodule(self.base_model, name)
@@ -181,7 +183,8 @@ class PeftModel(nn.Module):
         if blocked:
             raise ValueError(
                 "cannot merge: these modules carry deltas that do not fold into weights: "
-                + "; ".join(blocked) + ". Nothing was merged."
+                + "; ".join(blocked)
+                + ". Nothing was merged."
             )
 
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
@@ -232,8 +235,9 @@ class PeftModel(nn.Module):
             target = save_directory if adapter == DEFAULT_ADAPTER else os.path.join(save_directory, adapter)
             checkpoint.save_adapter(self, adapter, target)
 
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                     is_trainable: bool = False) -> None:
+    def load_adapter(
+        self, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False
+    ) -> None:
         """Load a saved adapter under ``adapter_name``; on any error the model is left as it was."""
         configs, tensors = checkpoint.read_adapter(path)
         try:
@@ -253,8 +257,9 @@ class PeftModel(nn.Module):
             get_submodule(self.base_model, name).copies[adapter_name].load_state_dict(state)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER,
-                        is_trainable: bool = False) -> PeftModel:
+    def from_pretrained(
+        cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False
+    ) -> PeftModel:
         """Wrap ``model`` with the adapter saved at ``path``."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
@@ -274,7 +279,8 @@ class PeftModel(nn.Module):
         return self
 
 
-def get_peft_model(model: nn.Module, config: AdapterConfig | list[AdapterConfig],
-                   adapter_name: str = DEFAULT_ADAPTER) -> PeftModel:
+def get_peft_model(
+    model: nn.Module, config: AdapterConfig | list[AdapterConfig], adapter_name: str = DEFAULT_ADAPTER
+) -> PeftModel:
     """Inject the adapter described by ``config`` (one method, or a list composed) into ``model``."""
     return PeftModel(model, config, adapter_name)

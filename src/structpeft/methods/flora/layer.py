@@ -14,7 +14,8 @@ from structpeft.methods.flora.config import FloraConfig
 
 def mode_product(t: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
     """``t ×_mode u``: replace mode ``mode`` of ``t`` (size r) by u's rows, u of shape (I, r)."""
-    return torch.movedim(torch.tensordot(t, u, dims=([mode], [1])), -1, mode)
+    # tensordot's inner matmul autocasts but tensordot does not cast its inputs: match dtypes here.
+    return torch.movedim(torch.tensordot(t, u.to(t.dtype), dims=([mode], [1])), -1, mode)
 
 
 def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor | None]) -> torch.Tensor:

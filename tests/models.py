@@ -1,0 +1,129 @@
+"""Tiny models built in code, each with the inputs it takes and the configs that adapt it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 20)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
+
+
+class ConvNet(nn.Module):
+    """A plain conv (stride, padding, dilation), a depthwise one and a grouped one, in N dims."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.conv = conv(3, 8, 3, stride=2, padding=1, dilation=1)
+        self.depthwise = conv(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.grouped = conv(8, 6, 3, padding=1, groups=2, padding_mode="reflect")
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.grouped(torch.relu(self.depthwise(torch.relu(self.conv(x)))))
+        return self.head(h.flatten(2).mean(-1))
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.out = nn.Linear(16, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.emb(ids).mean(1))
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _ids(seed: int, vocab: int = 100) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0  # a padded row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@dataclass
+class Case:
+    """A model factory, an input factory, and per method the target modules it adapts."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int], dict[str, torch.Tensor]]
+    targets: list[str] | str
+    modules_to_save: list[str] | None = None
+    flora_r: int | list[int] = 4
+    extra_lora: dict = field(default_factory=dict)
+
+
+def _tensor(shape: tuple[int, ...], key: str = "x") -> Callable[[int], dict[str, torch.Tensor]]:
+    return lambda seed: {key: torch.randn(shape, generator=torch.Generator().manual_seed(seed))}
+
+
+CASES = [
+    Case("mlp", MLP, _tensor((4, 10)), ["lin0", "lin1"], modules_to_save=["head"]),
+    Case("conv1d", lambda: ConvNet(1), _tensor((2, 3, 12)), ["conv", "depthwise", "grouped"]),
+    Case("conv2d", lambda: ConvNet(2), _tensor((2, 3, 10, 10)), ["conv", "depthwise", "grouped"]),
+    Case("conv3d", lambda: ConvNet(3), _tensor((2, 3, 6, 6, 6)), ["conv", "depthwise", "grouped"]),
+    Case(
+        "embedding",
+        EmbeddingNet,
+        lambda s: {"ids": torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(s))},
+        ["emb", "out"],
+    ),
+    Case("bert", tiny_bert, _ids, ["query", "value", "attention.output.dense"], modules_to_save=["classifier"]),
+    Case("gpt2", tiny_gpt2, _ids, ["c_attn", "mlp.c_proj"]),
+    Case("llama", tiny_llama, _ids, r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj|model\.embed_tokens"),
+]
+
+
+def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out
