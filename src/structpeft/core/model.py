@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -22,6 +24,27 @@ def _as_list(config: AdapterConfig | list[AdapterConfig]) -> list[AdapterConfig]
     if not configs or not all(isinstance(c, AdapterConfig) for c in configs):
         raise TypeError("expected an adapter config (e.g. sp.LoraConfig(...)) or a non-empty list of them")
     return configs
+
+
+class _BaseModelForward:
+    """``PeftModel.forward``: calls the base model, and on an instance carries the base forward's
+    signature, which HF Trainer reads to pick the dataset columns to keep (a bare
+    ``*args, **kwargs`` would make it drop them all)."""
+
+    @staticmethod
+    def _unbound(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __get__(self, obj: PeftModel | None, objtype: type | None = None) -> Callable[..., Any]:
+        if obj is None:
+            return self._unbound
+        base_model = obj.base_model
+
+        @functools.wraps(base_model.forward)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return base_model(*args, **kwargs)
+
+        return forward
 
 
 class PeftModel(nn.Module):
@@ -51,8 +74,7 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    forward = _BaseModelForward()
 
     def get_base_model(self) -> nn.Module:
         return self.base_model

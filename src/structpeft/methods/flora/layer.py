@@ -31,8 +31,9 @@ class FloraDelta(AdapterDelta):
 
     Linear/embedding: three thin matmuls. Conv with groups == 1: a 1x1 conv by U_in^T, the small
     (r_out, r_in, k..) kernel ``G ×_3 U_k1 ...`` with the base's stride/padding/dilation, then a 1x1
-    conv by U_out; exact, since zero padding commutes with channel mixing. Grouped convs use the
-    dense (C_out, C_in/groups, k..) delta.
+    conv by U_out; exact, since zero padding commutes with channel mixing. Where it costs fewer
+    FLOPs (1x1 kernels, few input channels) U_in is folded into the small kernel instead, leaving
+    two convs. Grouped convs use the dense (C_out, C_in/groups, k..) delta.
     """
 
     def __init__(self, layer: nn.Module, name: str, config: FloraConfig) -> None:
@@ -40,6 +41,7 @@ class FloraDelta(AdapterDelta):
         geo = layer_geometry(layer, name)
         self.kind = geo.kind
         self.groups = geo.groups
+        self._stride = tuple(getattr(layer, "stride", ()))
         self.ranks = config.ranks_for(geo, name)
         self.scaling = config.alpha / self.ranks[0]
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -62,14 +64,31 @@ class FloraDelta(AdapterDelta):
         elif self.kind == "linear":
             h = self.dropout(x.to(core.dtype)) @ u_in @ core.T @ u_out.T  # (..., d_out)
         elif self.groups == 1:
-            h = pointwise_conv(self.dropout(x.to(core.dtype)), u_in.T)  # (B, r_in, ..)
+            x = self.dropout(x.to(core.dtype))
             kernel = tucker_to_tensor(core, [None, None, *u_kernel])  # (r_out, r_in, k..)
-            h = conv_like(base_layer, h, kernel, groups=1)  # (B, r_out, ..')
+            if self._fold_input_factor(x):
+                # One conv C_in -> r_out with the kernel G ×_2 U_in ×_3 U_k1 ... (like LoRA's A).
+                h = conv_like(base_layer, x, mode_product(kernel, u_in, 1), groups=1)  # (B, r_out, ..')
+            else:
+                h = pointwise_conv(x, u_in.T)  # (B, r_in, ..)
+                h = conv_like(base_layer, h, kernel, groups=1)  # (B, r_out, ..')
             h = pointwise_conv(h, u_out)  # (B, C_out, ..')
         else:
             dense = tucker_to_tensor(core, list(self.flora_factors))  # (C_out, C_in/groups, k..)
             h = conv_like(base_layer, self.dropout(x.to(core.dtype)), dense, self.groups)
         return result + (self.scaling * h).to(result.dtype)
+
+    def _fold_input_factor(self, x: torch.Tensor) -> bool:
+        """Whether one C_in -> r_out conv costs fewer FLOPs than 1x1 (C_in -> r_in) then the core.
+
+        Per output position the folded conv costs C_in·r_out·K (K = kernel volume); the split
+        path costs C_in·r_in·(input/output positions, the 1x1 runs before any stride) +
+        r_in·r_out·K. Small kernels (1x1) and small C_in favour folding; large 3x3 layers do not.
+        """
+        c_in, r_out, r_in = x.shape[1], self.ranks[0], self.ranks[1]
+        kernel_volume = math.prod(u.shape[0] for u in self.flora_factors[2:])
+        strides = math.prod(self._stride)
+        return c_in * r_out * kernel_volume <= c_in * r_in * strides + r_in * r_out * kernel_volume
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         return self.scaling * tucker_to_tensor(self.flora_core, list(self.flora_factors))
