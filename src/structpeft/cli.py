@@ -14,25 +14,29 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import structpeft as sp
 
 # Embedded defaults: each method's config for a BERT-style encoder with a new classifier head.
 METHOD_DEFAULTS: dict[str, dict] = {
     "lora": {"r": 8, "alpha": 16, "lr": 1e-3},
-    "flora": {"r": 8, "alpha": 16, "lr": 1e-3},
-    "probe": {"lr": 1e-3},  # frozen encoder, trainable head only: the baseline every method must beat
+    "flora": {"r": 8, "alpha": 16, "lr": 5e-3},  # orthonormal factors: ‖ΔW‖ = s‖G‖, so a larger step than LoRA
+    "probe": {"lr": 2e-2},  # frozen encoder, trainable head only: the baseline every method must beat
 }
 DEFAULT_TARGETS = ["query", "key", "value", "dense"]
 HEAD = ["classifier"]
 
 
-def build_config(method: str, r: int, alpha: float, targets: list[str], dropout: float) -> sp.AdapterConfig | None:
-    if method == "lora":
-        return sp.LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets, modules_to_save=HEAD)
-    if method == "flora":
-        return sp.FloraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=targets, modules_to_save=HEAD)
-    return None
+def adapt(model: nn.Module, method: str, r: int, alpha: float, targets: list[str], dropout: float) -> nn.Module:
+    """``model`` ready to train with ``method``: a PeftModel, or for "probe" the model with only its head trainable."""
+    if method == "probe":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in HEAD)
+        return model
+    config_cls = {"lora": sp.LoraConfig, "flora": sp.FloraConfig}[method]
+    config = config_cls(r=r, alpha=alpha, dropout=dropout, target_modules=targets, modules_to_save=HEAD)
+    return sp.get_peft_model(model, config)
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
@@ -45,7 +49,7 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from structpeft.training import TrainConfig, evaluate, train
-    from structpeft.zoo.rotten_tomatoes import load_rotten_tomatoes
+    from structpeft.zoo.rotten_tomatoes import load_rotten_tomatoes, subsample
     from structpeft.zoo.text import load_text_classifier
 
     defaults = METHOD_DEFAULTS[args.method]
@@ -54,17 +58,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     lr = args.lr or defaults["lr"]
     torch.manual_seed(args.seed)
     train_set, test_set = load_rotten_tomatoes()
-    if args.train_size:
-        train_set = train_set[: args.train_size]
-    if args.test_size:
-        test_set = test_set[: args.test_size]
+    train_set = subsample(train_set, args.train_size, args.seed)
+    test_set = subsample(test_set, args.test_size, seed=0)  # the same test subset for every run
     model, tokenizer = load_text_classifier(args.model)
-    config = build_config(args.method, r, alpha, args.targets.split(","), args.dropout)
-    if config is None:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(HEAD[0]))
-    else:
-        model = sp.get_peft_model(model, config)
+    model = adapt(model, args.method, r, alpha, args.targets.split(","), args.dropout)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out_dir = Path(args.output_dir or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(
@@ -82,7 +79,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     row = {
         "method": args.method,
         "model": args.model,
-        "r": r if config else None,
+        "r": r or None,
         "seed": args.seed,
         "train_examples": len(train_set),
         "test_examples": len(test_set),
@@ -130,8 +127,8 @@ def make_parser() -> argparse.ArgumentParser:
     ft.add_argument("--epochs", type=int, default=1)
     ft.add_argument("--lr", type=float, default=None)
     ft.add_argument("--batch-size", type=int, default=32)
-    ft.add_argument("--train-size", type=int, default=None, help="use the first N training examples")
-    ft.add_argument("--test-size", type=int, default=None, help="use the first N test examples")
+    ft.add_argument("--train-size", type=int, default=None, help="train on a random N examples (seeded)")
+    ft.add_argument("--test-size", type=int, default=None, help="test on a fixed random N examples")
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument("--output-dir", default=None)
     ft.add_argument("--results", default="runs/results.jsonl", help="every run appends a row here")

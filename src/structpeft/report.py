@@ -15,12 +15,13 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One row per (method, model, r, train size): accuracy mean and std over seeds."""
+    """One row per setting (method, model, r, train size, epochs, lr): accuracy mean and std over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        groups[(row["method"], row["model"], row.get("r"), row["train_examples"], row.get("epochs"))].append(row)
+        key = (row["method"], row["model"], row.get("r"), row["train_examples"], row.get("epochs"), row.get("lr"))
+        groups[key].append(row)
     out = []
-    for (method, model, r, n_train, epochs), runs in groups.items():
+    for (method, model, r, n_train, epochs, lr), runs in groups.items():
         accs = [100 * run["test_accuracy"] for run in runs]
         out.append(
             {
@@ -29,6 +30,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                 "r": r,
                 "train": n_train,
                 "epochs": epochs,
+                "lr": lr,
                 "runs": len(runs),
                 "acc_mean": statistics.mean(accs),
                 "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -44,7 +46,7 @@ def print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="structpeft runs (test accuracy, mean ± std over seeds)")
-    for col in ("method", "model", "r", "train", "epochs", "runs", "accuracy %", "trainable", "train s"):
+    for col in ("method", "model", "r", "train", "epochs", "lr", "runs", "accuracy %", "trainable", "train s"):
         table.add_column(col, justify="left" if col in ("method", "model") else "right")
     for s in summarise(rows):
         table.add_row(
@@ -53,6 +55,7 @@ def print_table(rows: list[dict]) -> None:
             str(s["r"] or "-"),
             str(s["train"]),
             str(s["epochs"]),
+            f"{s['lr']:g}" if s["lr"] else "-",
             str(s["runs"]),
             f"{s['acc_mean']:.2f} ± {s['acc_std']:.2f}",
             f"{s['params']:,}",

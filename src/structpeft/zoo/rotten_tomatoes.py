@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
+import random
 from dataclasses import dataclass
 
 from structpeft.zoo.assets import ROTTEN_TOMATOES
@@ -36,3 +37,11 @@ def load_rotten_tomatoes() -> tuple[list[Example], list[Example]]:
             example = Example(row["text"], LABELS.index(row["category"]))
             (test if _is_test_movie(row["movie_name"]) else train).append(example)
     return train, test
+
+
+def subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded random ``n`` of ``examples`` (all of them if n is None). The file is grouped by
+    movie, so a plain prefix would be a few movies' reviews only."""
+    if n is None or n >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, n)

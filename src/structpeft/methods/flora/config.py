@@ -31,7 +31,7 @@ class FloraConfig(AdapterConfig):
     r: int | list[int] = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    factor_init: str = "kaiming"
+    factor_init: str = "orthogonal"
 
     def __post_init__(self) -> None:
         super().__post_init__()

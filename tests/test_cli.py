@@ -1,0 +1,45 @@
+"""The command line: argument errors, and the report's table and plot from a results file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from structpeft.cli import main
+
+
+def test_bad_flags_are_refused_with_a_message(capsys) -> None:
+    with pytest.raises(SystemExit) as err:
+        main(["finetune", "--method", "dora"])
+    assert err.value.code == 2 and "invalid choice: 'dora'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--epochs", "0"])
+    assert "--epochs must be a positive integer" in capsys.readouterr().err
+
+
+def test_report_prints_a_table_and_writes_a_plot(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps cells to the (captured, narrow) terminal
+    results = tmp_path / "results.jsonl"
+    rows = [
+        {
+            "method": "lora",
+            "model": "minilm",
+            "r": 8,
+            "seed": s,
+            "train_examples": 100,
+            "test_examples": 50,
+            "epochs": 1,
+            "lr": 1e-3,
+            "trainable_params": 1000,
+            "test_accuracy": acc,
+            "train_seconds": 1.0,
+        }
+        for s, acc in enumerate([0.80, 0.82])
+    ]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["report", "--results", str(results), "--plot", str(tmp_path / "plot.png")]) == 0
+    out = capsys.readouterr().out
+    assert "lora" in out and "81.00 ± 1.41" in out
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    assert main(["report", "--results", str(tmp_path / "none.jsonl")]) == 1
