@@ -56,6 +56,7 @@ def test_unmatched_entry_names_itself_and_closest_modules() -> None:
         sp.get_peft_model(base, sp.LoraConfig(target_modules=["query", "vaule"]))
     assert "'vaule'" in str(err.value) and "value" in str(err.value)
     assert not any(isinstance(m, AdaptedLayer) for m in base.modules())  # nothing half-injected
+    assert all(p.requires_grad for p in base.parameters())  # nor frozen
 
 
 def test_unsupported_layer_names_module_and_type() -> None:

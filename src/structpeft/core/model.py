@@ -55,16 +55,19 @@ class PeftModel(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, config: AdapterConfig | list[AdapterConfig], adapter_name: str = DEFAULT_ADAPTER
+        self,
+        model: nn.Module,
+        config: AdapterConfig | list[AdapterConfig] | None,
+        adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, list[AdapterConfig]] = {}
         self.active_adapters: list[str] = [adapter_name]
         self.frozen_adapters: set[str] = set()  # loaded with is_trainable=False
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
+        if config is not None:
+            with _frozen_base(model):
+                self.add_adapter(adapter_name, config)
 
     def __getattr__(self, name: str):
         try:
@@ -283,22 +286,24 @@ class PeftModel(nn.Module):
         cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved at ``path``."""
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.base_model = model
-        self.peft_config = {}
-        self.active_adapters = [adapter_name]
-        self.frozen_adapters = set()
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in flags:
-            p.requires_grad_(False)
-        try:
+        self = cls(model, None, adapter_name)
+        with _frozen_base(model):
             self.load_adapter(path, adapter_name, is_trainable=is_trainable)
-        except BaseException:
-            for p, flag in flags:  # a failed load leaves the model as it was
-                p.requires_grad_(flag)
-            raise
         return self
+
+
+@contextlib.contextmanager
+def _frozen_base(model: nn.Module) -> Iterator[None]:
+    """Freeze the base model for adapter training; if the block fails, give back its flags."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def get_peft_model(
