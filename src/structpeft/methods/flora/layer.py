@@ -12,18 +12,23 @@ from structpeft.core.layers import AdapterDelta, conv_like, layer_geometry, poin
 from structpeft.methods.flora.config import FloraConfig
 
 
-def mode_product(t: torch.Tensor, u: torch.Tensor, mode: int) -> torch.Tensor:
-    """``t ×_mode u``: replace mode ``mode`` of ``t`` (size r) by u's rows, u of shape (I, r)."""
-    # tensordot's inner matmul autocasts but tensordot does not cast its inputs: match dtypes here.
-    return torch.movedim(torch.tensordot(t, u.to(t.dtype), dims=([mode], [1])), -1, mode)
-
-
 def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor | None]) -> torch.Tensor:
-    """``core ×_1 U_1 ... ×_N U_N``; a ``None`` factor leaves its mode as it is."""
+    """``core ×_1 U_1 ... ×_N U_N`` (each U_n of shape (I_n, r_n)); a ``None`` leaves its mode.
+
+    One einsum rather than N mode products: on small kernels the per-call overhead of N
+    tensordots (permutes, reshapes, Python) cost more than the arithmetic.
+    """
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    core_modes = letters[: core.dim()]
+    out_modes = list(core_modes)
+    operands, terms = [core], [core_modes]
     for mode, u in enumerate(factors):
         if u is not None:
-            core = mode_product(core, u, mode)
-    return core
+            new = letters[core.dim() + mode].upper()
+            operands.append(u.to(core.dtype))  # einsum under autocast would mix dtypes otherwise
+            terms.append(new + core_modes[mode])
+            out_modes[mode] = new
+    return torch.einsum(f"{','.join(terms)}->{''.join(out_modes)}", *operands)
 
 
 class FloraDelta(AdapterDelta):
@@ -58,25 +63,27 @@ class FloraDelta(AdapterDelta):
         nn.init.zeros_(self.flora_core) if zero_start else nn.init.normal_(self.flora_core, std=0.1)
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        core, (u_out, u_in, *u_kernel) = self.flora_core, list(self.flora_factors)
+        # The scale goes on the small core, not on the full-size output.
+        core, (u_out, u_in, *u_kernel) = self.flora_core * self.scaling, list(self.flora_factors)
         if self.kind == "embedding":
             h = F.embedding(x, u_in) @ core.T @ u_out.T  # (..., dim)
         elif self.kind == "linear":
             h = self.dropout(x.to(core.dtype)) @ u_in @ core.T @ u_out.T  # (..., d_out)
         elif self.groups == 1:
             x = self.dropout(x.to(core.dtype))
-            kernel = tucker_to_tensor(core, [None, None, *u_kernel])  # (r_out, r_in, k..)
             if self._fold_input_factor(x):
                 # One conv C_in -> r_out with the kernel G ×_2 U_in ×_3 U_k1 ... (like LoRA's A).
-                h = conv_like(base_layer, x, mode_product(kernel, u_in, 1), groups=1)  # (B, r_out, ..')
+                kernel = tucker_to_tensor(core, [None, u_in, *u_kernel])  # (r_out, C_in, k..)
+                h = conv_like(base_layer, x, kernel, groups=1)  # (B, r_out, ..')
             else:
+                kernel = tucker_to_tensor(core, [None, None, *u_kernel])  # (r_out, r_in, k..)
                 h = pointwise_conv(x, u_in.T)  # (B, r_in, ..)
                 h = conv_like(base_layer, h, kernel, groups=1)  # (B, r_out, ..')
             h = pointwise_conv(h, u_out)  # (B, C_out, ..')
         else:
             dense = tucker_to_tensor(core, list(self.flora_factors))  # (C_out, C_in/groups, k..)
             h = conv_like(base_layer, self.dropout(x.to(core.dtype)), dense, self.groups)
-        return result + (self.scaling * h).to(result.dtype)
+        return result + h.to(result.dtype)
 
     def _fold_input_factor(self, x: torch.Tensor) -> bool:
         """Whether one C_in -> r_out conv costs fewer FLOPs than 1x1 (C_in -> r_in) then the core.

@@ -60,15 +60,17 @@ class LoraDelta(AdapterDelta):
         nn.init.zeros_(self.B) if zero_start else nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        # The scale goes on B (r columns), not on the (batch x d_out) output: one full-size op less.
+        scaled_b = self.B.flatten(1) * self.scaling  # (d_out, r)
         if self.kind == "embedding":
-            h = F.embedding(x, self.A.T) @ self.B.T  # (..., dim)
+            h = F.embedding(x, self.A.T) @ scaled_b.T  # (..., dim)
         elif self.kind == "linear":
-            h = self.lora_B(self.lora_A(self.dropout(x.to(self.A.dtype))))  # (..., d_out)
+            h = F.linear(self.lora_A(self.dropout(x.to(self.A.dtype))), scaled_b)  # (..., d_out)
         else:
             a = self.A.repeat(self.groups, *(1,) * (self.A.dim() - 1))  # (groups*r, C_in/groups, k..)
             h = conv_like(base_layer, self.dropout(x.to(a.dtype)), a, self.groups)  # (B, groups*r, ..)
-            h = pointwise_conv(h, self.B.flatten(1), self.groups)  # (B, C_out, ..)
-        return result + (self.scaling * h).to(result.dtype)
+            h = pointwise_conv(h, scaled_b, self.groups)  # (B, C_out, ..)
+        return result + h.to(result.dtype)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         a = self.A.flatten(1)  # (r, C_in/groups * k..)
