@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import structpeft as sp
-from structpeft.core.layers import AdaptedLayer
+from structpeft.core.layers import AdaptedLayer, ModulesToSave
 from tests.models import MLP, tiny_bert, tiny_gpt2
 
 
@@ -121,3 +121,10 @@ def test_composed_methods_on_one_module_add() -> None:
         assert not torch.allclose(lora_only, plain) and not torch.allclose(flora_only, plain)
     both.merge_adapter()
     assert torch.allclose(both(x), y, atol=1e-5)
+
+
+def test_modules_to_save_are_not_also_adapted() -> None:
+    model = sp.get_peft_model(tiny_bert(), sp.LoraConfig(target_modules="all-linear", modules_to_save=["classifier"]))
+    names = adapted_names(model)
+    assert "classifier" not in names and "bert.pooler.dense" in names
+    assert isinstance(model.base_model.classifier, ModulesToSave)

@@ -98,7 +98,8 @@ class PeftModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
-        saved = {n for n, _ in self._saved_modules()}
+        # A module kept whole (modules_to_save), now or by this adapter, is never also adapted.
+        saved = {n for n, _ in self._saved_modules()} | set(self._modules_to_save_names(configs))
         plan: dict[str, dict[str, AdapterDelta]] = {}
         for config in configs:
             if not config.target_modules and config.modules_to_save:
@@ -140,8 +141,8 @@ class PeftModel(nn.Module):
         return resolve_targets(self.base_model, entries) if entries else []
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig | list[AdapterConfig]) -> None:
+        """Add an adapter (one config, or a list of methods composed); ``set_adapter`` activates it."""
         configs = _as_list(config)
-        self._modules_to_save_names(configs)  # validate before building anything
         self.attach_adapter(adapter_name, configs, self.plan_adapter(adapter_name, configs))
 
     def delete_adapter(self, adapter_name: str) -> None:

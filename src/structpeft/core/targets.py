@@ -46,6 +46,10 @@ def _matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def _within(name: str, parents: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in parents)
+
+
 def _output_layer_names(model: nn.Module) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
@@ -60,7 +64,7 @@ def resolve_targets(
     Every list entry must match something; a miss is an error that names the entry and the
     closest module names, since a silent partial match trains less than the user asked for.
     """
-    modules = [(n, m) for n, m in named_modules(model) if n and n not in exclude]
+    modules = [(n, m) for n, m in named_modules(model) if n and not _within(n, exclude)]
     if target_modules is None:
         raise ValueError("target_modules is required for this method (e.g. ['query', 'value'] or 'all-linear')")
     if isinstance(target_modules, str):
