@@ -1,0 +1,128 @@
+"""Structured matrices with fast products: pure tensor code, no modules, no parameters of its own.
+
+Each family has ``<family>_matmul(params..., x)``, the product ``S @ x`` for ``x`` of shape
+(..., n) returning (..., m), and ``<family>_dense(params...)``, the (m, n) matrix itself (for
+merging and tests). SURM (Sehanobish et al., NeurIPS 2024, arXiv 2406.17740) builds adapters from
+them: full rank, few parameters, O(n log n) products.
+
+FFTs run in float32 (bf16 has no FFT, fp16 only for powers of two on GPU): inputs are cast up
+and results cast back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _fft_input(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _circular_convolve(a: torch.Tensor, x: torch.Tensor, length: int) -> torch.Tensor:
+    """``(a ⊛ x)[k] = Σ_j a[(k - j) mod L] x[j]`` over the last dim, zero-padded to ``length``."""
+    spectrum = torch.fft.rfft(_fft_input(a), n=length) * torch.fft.rfft(_fft_input(x), n=length)
+    return torch.fft.irfft(spectrum, n=length)
+
+
+# -- circulant: C[i, j] = c[(i - j) mod n], n parameters -------------------------------------------
+
+
+def circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    n = c.shape[-1]
+    return _circular_convolve(c, x, n).to(x.dtype)  # (..., n)
+
+
+def circulant_dense(c: torch.Tensor) -> torch.Tensor:
+    n = c.shape[-1]
+    idx = (torch.arange(n).unsqueeze(1) - torch.arange(n).unsqueeze(0)) % n  # (n, n): i - j mod n
+    return c[idx]
+
+
+# -- Toeplitz (m x n): T[i, j] = t[i - j + n - 1], m + n - 1 parameters -----------------------------
+
+
+def toeplitz_matmul(t: torch.Tensor, x: torch.Tensor, m: int) -> torch.Tensor:
+    """Embedded in a circulant of length m + n - 1: for output i the taps i - j + n - 1 stay in
+    [0, m + n - 2], so the circular convolution never wraps."""
+    n = x.shape[-1]
+    full = _circular_convolve(t, x, m + n - 1)  # (..., m + n - 1)
+    return full[..., n - 1 : n - 1 + m].to(x.dtype)  # (..., m)
+
+
+def toeplitz_dense(t: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    idx = torch.arange(m).unsqueeze(1) - torch.arange(n).unsqueeze(0) + n - 1  # (m, n)
+    return t[idx]
+
+
+# -- symmetric Toeplitz (n x n): T[i, j] = t[|i - j|], n parameters ---------------------------------
+
+
+def _symmetric_taps(t: torch.Tensor) -> torch.Tensor:
+    return torch.cat([t[1:].flip(-1), t], dim=-1)  # t[n-1], .., t[1], t[0], t[1], .., t[n-1]
+
+
+def sym_toeplitz_matmul(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return toeplitz_matmul(_symmetric_taps(t), x, t.shape[-1])
+
+
+def sym_toeplitz_dense(t: torch.Tensor) -> torch.Tensor:
+    n = t.shape[-1]
+    return toeplitz_dense(_symmetric_taps(t), n, n)
+
+
+# -- Kronecker: (A ⊗ B), A (a1, a2), B (b1, b2) -> (a1·b1, a2·b2), a1·a2 + b1·b2 parameters --------
+
+
+def kronecker_matmul(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(A ⊗ B) vec(X) = vec(B X Aᵀ)``, here in row-major form: X = x viewed as (a2, b2), and the
+    result is A X Bᵀ flattened. The (a1·b1, a2·b2) matrix is never built."""
+    x_grid = x.reshape(*x.shape[:-1], a.shape[1], b.shape[1])  # (..., a2, b2)
+    y = torch.einsum("rp,...pq,sq->...rs", a.to(x.dtype), x_grid, b.to(x.dtype))  # (..., a1, b1)
+    return y.reshape(*x.shape[:-1], a.shape[0] * b.shape[0])
+
+
+def kronecker_dense(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.kron(a, b)
+
+
+# -- low displacement rank: W(G, H) = Σ_i Z_1(g_i) Z_-1(h_i), 2·r·n parameters ----------------------
+
+
+def _skew_root_powers(n: int, like: torch.Tensor) -> torch.Tensor:
+    """η^k for k < n with η = exp(iπ/n), a primitive 2n-th root of unity: η^n = -1, which is
+    what turns a circulant into a skew-circulant (the sign flips where the index wraps)."""
+    k = torch.arange(n, device=like.device, dtype=torch.float64)
+    powers = torch.polar(torch.ones_like(k), math.pi * k / n)
+    return powers if like.dtype == torch.float64 else powers.to(torch.complex64)
+
+
+def skew_circulant_matmul(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Z_-1(h) x with Z_-1(h)[i, j] = h[i - j] for i >= j and -h[i - j + n] above the diagonal.
+
+    Z_-1(h) = D⁻¹ C(D h) D with D = diag(η^k): scaling by η^k makes the wrapped terms pick up
+    η^n = -1, so the skew-circulant becomes a plain circulant in the scaled basis.
+    """
+    n = h.shape[-1]
+    h, x_in = _fft_input(h), _fft_input(x)
+    eta = _skew_root_powers(n, x_in)
+    spectrum = torch.fft.fft(h * eta) * torch.fft.fft(x_in * eta)
+    return (torch.fft.ifft(spectrum) * eta.conj()).real.to(x.dtype)
+
+
+def skew_circulant_dense(h: torch.Tensor) -> torch.Tensor:
+    n = h.shape[-1]
+    diff = torch.arange(n).unsqueeze(1) - torch.arange(n).unsqueeze(0)  # (n, n): i - j
+    sign = torch.where(diff >= 0, 1.0, -1.0).to(h.dtype)
+    return sign * h[diff % n]
+
+
+def ldr_matmul(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Σ_i Z_1(g_i) Z_-1(h_i) x for generators g, h of shape (r, n)."""
+    inner = skew_circulant_matmul(h, x.unsqueeze(-2))  # (..., r, n)
+    return circulant_matmul(g, inner).sum(-2)  # (..., n)
+
+
+def ldr_dense(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return sum(circulant_dense(gi) @ skew_circulant_dense(hi) for gi, hi in zip(g, h))

@@ -1,0 +1,104 @@
+"""Structured matrices: every fast product equals its dense matrix, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from structpeft import structured as S
+
+SIZES = st.sampled_from([1, 2, 3, 4, 7, 8, 13, 16, 31, 64, 97])
+BATCH = st.sampled_from([(), (3,), (2, 5)])
+
+
+def params(seed: int, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+
+def check(fast, dense, ps: list[torch.Tensor], x: torch.Tensor) -> None:
+    """fast(ps, x) == dense(ps) @ x, and the same gradients for ps and x."""
+    y_fast = fast(*ps, x)
+    y_dense = x @ dense(*ps).T
+    assert y_fast.shape == y_dense.shape
+    assert torch.allclose(y_fast, y_dense, atol=1e-9, rtol=1e-9)
+    w = torch.randn_like(y_dense)
+    grads_fast = torch.autograd.grad((y_fast * w).sum(), [*ps, x])
+    grads_dense = torch.autograd.grad((y_dense * w).sum(), [*ps, x])
+    for a, b in zip(grads_fast, grads_dense):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
+
+
+def vector(seed: int, batch: tuple[int, ...], n: int) -> torch.Tensor:
+    return params(seed + 1, (*batch, n))[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=SIZES, batch=BATCH, seed=st.integers(0, 1000))
+def test_circulant(n, batch, seed) -> None:
+    check(S.circulant_matmul, S.circulant_dense, params(seed, (n,)), vector(seed, batch, n))
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=SIZES, n=SIZES, batch=BATCH, seed=st.integers(0, 1000))
+def test_toeplitz_rectangular(m, n, batch, seed) -> None:
+    check(
+        lambda t, x: S.toeplitz_matmul(t, x, m),
+        lambda t: S.toeplitz_dense(t, m, n),
+        params(seed, (m + n - 1,)),
+        vector(seed, batch, n),
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=SIZES, batch=BATCH, seed=st.integers(0, 1000))
+def test_symmetric_toeplitz(n, batch, seed) -> None:
+    (t,) = params(seed, (n,))
+    dense = S.sym_toeplitz_dense(t)
+    assert torch.equal(dense, dense.T)
+    check(S.sym_toeplitz_matmul, S.sym_toeplitz_dense, [t], vector(seed, batch, n))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    a1=SIZES,
+    a2=SIZES,
+    b1=st.sampled_from([1, 2, 5]),
+    b2=st.sampled_from([1, 3, 4]),
+    batch=BATCH,
+    seed=st.integers(0, 1000),
+)
+def test_kronecker(a1, a2, b1, b2, batch, seed) -> None:
+    check(S.kronecker_matmul, S.kronecker_dense, params(seed, (a1, a2), (b1, b2)), vector(seed, batch, a2 * b2))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=SIZES, r=st.integers(1, 3), batch=BATCH, seed=st.integers(0, 1000))
+def test_low_displacement_rank(n, r, batch, seed) -> None:
+    check(S.ldr_matmul, S.ldr_dense, params(seed, (r, n), (r, n)), vector(seed, batch, n))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 8, 11])
+def test_skew_circulant_against_its_definition(n: int) -> None:
+    """Z_-1(h)[i, j] = h[i - j] on and below the diagonal, -h[n + i - j] above: written out with
+    loops, so an even n (where a wrong root of unity goes unnoticed on odd sizes) is checked too."""
+    (h,) = params(n, (n,))
+    expected = torch.zeros(n, n, dtype=h.dtype)
+    for i in range(n):
+        for j in range(n):
+            expected[i, j] = h[i - j] if i >= j else -h[n + i - j]
+    assert torch.equal(S.skew_circulant_dense(h), expected)
+    x = torch.randn(4, n, dtype=h.dtype)
+    assert torch.allclose(S.skew_circulant_matmul(h, x), x @ expected.T, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fft_products_run_in_float32_and_cast_back(dtype) -> None:
+    c = torch.randn(12)
+    x = torch.randn(3, 12)
+    y = S.circulant_matmul(c, x.to(dtype))
+    assert y.dtype == dtype
+    assert torch.allclose(y.float(), S.circulant_matmul(c, x), atol=0.1, rtol=0.05)
+    assert S.ldr_matmul(torch.randn(2, 12), torch.randn(2, 12), x.to(dtype)).dtype == dtype
