@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -100,7 +100,7 @@ class Case:
     targets: list[str] | str
     modules_to_save: list[str] | None = None
     flora_r: int | list[int] = 4
-    extra_lora: dict = field(default_factory=dict)
+    linear_targets: list[str] | str | None = None  # for methods that adapt linear layers only (SURM)
 
 
 def _tensor(shape: tuple[int, ...], key: str = "x") -> Callable[[int], dict[str, torch.Tensor]]:
@@ -108,7 +108,7 @@ def _tensor(shape: tuple[int, ...], key: str = "x") -> Callable[[int], dict[str,
 
 
 CASES = [
-    Case("mlp", MLP, _tensor((4, 10)), ["lin0", "lin1"], modules_to_save=["head"]),
+    Case("mlp", MLP, _tensor((4, 10)), ["lin0", "lin1"], modules_to_save=["head"], linear_targets=["lin0", "lin1"]),
     Case("conv1d", lambda: ConvNet(1), _tensor((2, 3, 12)), ["conv", "depthwise", "grouped"]),
     Case("conv2d", lambda: ConvNet(2), _tensor((2, 3, 10, 10)), ["conv", "depthwise", "grouped"]),
     Case("conv3d", lambda: ConvNet(3), _tensor((2, 3, 6, 6, 6)), ["conv", "depthwise", "grouped"]),
@@ -118,9 +118,22 @@ CASES = [
         lambda s: {"ids": torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(s))},
         ["emb", "out"],
     ),
-    Case("bert", tiny_bert, _ids, ["query", "value", "attention.output.dense"], modules_to_save=["classifier"]),
-    Case("gpt2", tiny_gpt2, _ids, ["c_attn", "mlp.c_proj"]),
-    Case("llama", tiny_llama, _ids, r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj|model\.embed_tokens"),
+    Case(
+        "bert",
+        tiny_bert,
+        _ids,
+        ["query", "value", "attention.output.dense"],
+        modules_to_save=["classifier"],
+        linear_targets=["query", "value", "attention.output.dense"],
+    ),
+    Case("gpt2", tiny_gpt2, _ids, ["c_attn", "mlp.c_proj"], linear_targets=["c_attn", "mlp.c_proj"]),
+    Case(
+        "llama",
+        tiny_llama,
+        _ids,
+        r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj|model\.embed_tokens",
+        linear_targets=r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",  # k/v are 32 -> 16 (GQA)
+    ),
 ]
 
 

@@ -11,7 +11,16 @@ import structpeft as sp
 from structpeft.core.layers import AdaptedLayer, ModulesToSave
 from tests.models import CASES, Case, run
 
-METHODS = ["lora", "flora"]
+SURM = {
+    "surm-circulant": {"structure": "circulant"},
+    "surm-circulant-pad": {"structure": "circulant", "rectangular": "pad"},
+    "surm-toeplitz": {"structure": "toeplitz"},
+    "surm-kronecker": {"structure": "kronecker"},
+    "surm-ldr": {"structure": "ldr", "rank": 2},
+    "surm-adapter": {"structure": "circulant", "mode": "adapter", "activation": "gelu"},
+}
+METHODS = ["lora", "flora", *SURM]
+MERGEABLE = [m for m in METHODS if m != "surm-adapter"]
 
 
 def make_config(method: str, case: Case, init_weights: bool, **overrides) -> sp.AdapterConfig:
@@ -20,7 +29,13 @@ def make_config(method: str, case: Case, init_weights: bool, **overrides) -> sp.
         return sp.LoraConfig(r=4, alpha=8, **{**common, **overrides})
     if method == "flora":
         return sp.FloraConfig(r=case.flora_r, alpha=8, **{**common, **overrides})
-    raise AssertionError(method)
+    return sp.SurmConfig(**SURM[method], **{**common, "target_modules": case.linear_targets, **overrides})
+
+
+def pairs(methods: list[str]) -> pytest.MarkDecorator:
+    """(case, method) for every method that can adapt the case (SURM: linear layers only)."""
+    combos = [(c, m) for c in CASES for m in methods if not (m.startswith("surm") and c.linear_targets is None)]
+    return pytest.mark.parametrize("case,method", combos, ids=[f"{c.name}-{m}" for c, m in combos])
 
 
 def build(case: Case) -> torch.nn.Module:
@@ -28,9 +43,8 @@ def build(case: Case) -> torch.nn.Module:
     return case.build().eval()
 
 
-CASE_IDS = [c.name for c in CASES]
-matrix = pytest.mark.parametrize("method", METHODS)
-cases = pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+matrix = pairs(METHODS)
+mergeable = pairs(MERGEABLE)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
@@ -38,7 +52,6 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
 
 
 @matrix
-@cases
 def test_zero_start_equals_base(case: Case, method: str) -> None:
     base = build(case)
     x = case.inputs(1)
@@ -48,7 +61,6 @@ def test_zero_start_equals_base(case: Case, method: str) -> None:
 
 
 @matrix
-@cases
 def test_random_start_changes_output(case: Case, method: str) -> None:
     base = build(case)
     x = case.inputs(1)
@@ -58,7 +70,6 @@ def test_random_start_changes_output(case: Case, method: str) -> None:
 
 
 @matrix
-@cases
 def test_save_load_round_trip_is_exact(case: Case, method: str, tmp_path) -> None:
     base = build(case)
     fresh = copy.deepcopy(base)
@@ -74,8 +85,7 @@ def test_save_load_round_trip_is_exact(case: Case, method: str, tmp_path) -> Non
     assert n_trainable == model.get_nb_trainable_parameters()[0]
 
 
-@matrix
-@cases
+@mergeable
 def test_merge_unmerge_and_unload_keep_outputs(case: Case, method: str) -> None:
     model = sp.get_peft_model(build(case), make_config(method, case, init_weights=False))
     x = case.inputs(3)
@@ -90,7 +100,6 @@ def test_merge_unmerge_and_unload_keep_outputs(case: Case, method: str) -> None:
 
 
 @matrix
-@cases
 def test_disable_adapter_equals_base(case: Case, method: str) -> None:
     base = build(case)
     x = case.inputs(4)
@@ -103,7 +112,6 @@ def test_disable_adapter_equals_base(case: Case, method: str) -> None:
 
 
 @matrix
-@cases
 def test_optimizer_step_changes_only_adapter_parameters(case: Case, method: str) -> None:
     model = sp.get_peft_model(build(case), make_config(method, case, init_weights=False))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -116,8 +124,7 @@ def test_optimizer_step_changes_only_adapter_parameters(case: Case, method: str)
     assert changed and changed <= trainable
 
 
-@matrix
-@cases
+@mergeable
 def test_several_active_adapters_add_and_equal_merged(case: Case, method: str) -> None:
     model = sp.get_peft_model(build(case), make_config(method, case, init_weights=False))
     torch.manual_seed(1)
@@ -134,7 +141,6 @@ def test_several_active_adapters_add_and_equal_merged(case: Case, method: str) -
 
 
 @matrix
-@cases
 def test_bf16_base_keeps_float32_adapters(case: Case, method: str) -> None:
     reference = sp.get_peft_model(build(case), make_config(method, case, init_weights=False))
     x = case.inputs(7)

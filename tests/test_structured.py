@@ -42,6 +42,12 @@ def test_circulant(n, batch, seed) -> None:
 
 
 @settings(max_examples=30, deadline=None)
+@given(q=st.integers(1, 4), p=st.integers(1, 4), b=SIZES, batch=BATCH, seed=st.integers(0, 1000))
+def test_block_circulant(q, p, b, batch, seed) -> None:
+    check(S.block_circulant_matmul, S.block_circulant_dense, params(seed, (q, p, b)), vector(seed, batch, p * b))
+
+
+@settings(max_examples=30, deadline=None)
 @given(m=SIZES, n=SIZES, batch=BATCH, seed=st.integers(0, 1000))
 def test_toeplitz_rectangular(m, n, batch, seed) -> None:
     check(

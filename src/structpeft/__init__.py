@@ -8,7 +8,7 @@ from structpeft.core import (
     PeftModel,
     get_peft_model,
 )
-from structpeft.methods import FloraConfig, LoraConfig
+from structpeft.methods import FloraConfig, LoraConfig, SurmConfig
 
 __version__ = "0.1.0"
 
@@ -20,5 +20,6 @@ __all__ = [
     "FloraConfig",
     "LoraConfig",
     "PeftModel",
+    "SurmConfig",
     "get_peft_model",
 ]

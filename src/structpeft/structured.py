@@ -35,9 +35,28 @@ def circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def circulant_dense(c: torch.Tensor) -> torch.Tensor:
+    """(..., n) first columns -> (..., n, n) circulants."""
     n = c.shape[-1]
     idx = (torch.arange(n).unsqueeze(1) - torch.arange(n).unsqueeze(0)) % n  # (n, n): i - j mod n
-    return c[idx]
+    return c[..., idx]
+
+
+# -- block-circulant: a (q x p) grid of b x b circulants, (q·b, p·b), q·p·b parameters --------------
+
+
+def block_circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """c (q, p, b) holds each block's first column; x (..., p·b) -> (..., q·b). Every block
+    product is a pointwise product of spectra, so the grid costs one FFT per input and output block."""
+    q, p, b = c.shape
+    x_blocks = _fft_input(x).reshape(*x.shape[:-1], p, b)  # (..., p, b)
+    spectrum = torch.einsum("...pf,qpf->...qf", torch.fft.rfft(x_blocks), torch.fft.rfft(_fft_input(c)))
+    y = torch.fft.irfft(spectrum, n=b)  # (..., q, b)
+    return y.reshape(*x.shape[:-1], q * b).to(x.dtype)
+
+
+def block_circulant_dense(c: torch.Tensor) -> torch.Tensor:
+    q, p, b = c.shape
+    return circulant_dense(c).permute(0, 2, 1, 3).reshape(q * b, p * b)  # (q, b, p, b) -> (q·b, p·b)
 
 
 # -- Toeplitz (m x n): T[i, j] = t[i - j + n - 1], m + n - 1 parameters -----------------------------

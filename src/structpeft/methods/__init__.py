@@ -2,5 +2,6 @@
 
 from structpeft.methods.flora import FloraConfig
 from structpeft.methods.lora import LoraConfig
+from structpeft.methods.surm import SurmConfig
 
-__all__ = ["FloraConfig", "LoraConfig"]
+__all__ = ["FloraConfig", "LoraConfig", "SurmConfig"]
