@@ -103,3 +103,18 @@ def print_ratios(
                 missed.append(f"{title}: {a} / {b} = {time_ratio:.3f}x > {target:.2f}x")
         print(f"  {a} / {b}: step time {time_ratio:.3f}x, memory {mem_ratio:.3f}x{verdict}")
     return missed
+
+
+def time_interleaved(functions: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each function, the calls interleaved round by round."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for r in range(warmup + rounds):
+        items = list(functions.items())
+        for name, fn in items if r % 2 == 0 else items[::-1]:
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -18,14 +18,19 @@ from torch import nn
 
 import structpeft as sp
 
+DEFAULT_TARGETS = ["query", "key", "value", "dense"]
+HOULSBY_TARGETS = ["attention.output.dense", "output.dense"]  # SURM adapters: after attention and FFN
+HEAD = ["classifier"]
+SURM_STRUCTURES = ("circulant", "toeplitz", "sym_toeplitz", "kronecker", "ldr")
+
 # Embedded defaults: each method's config for a BERT-style encoder with a new classifier head.
 METHOD_DEFAULTS: dict[str, dict] = {
     "lora": {"r": 8, "alpha": 16, "lr": 1e-3},
     "flora": {"r": 8, "alpha": 16, "lr": 5e-3},  # orthonormal factors: ‖ΔW‖ = s‖G‖, so a larger step than LoRA
     "probe": {"lr": 2e-2},  # frozen encoder, trainable head only: the baseline every method must beat
+    **{f"surm-{s}": {"alpha": 1.0, "lr": 2e-2} for s in SURM_STRUCTURES},
+    **{f"surm-{s}-adapter": {"alpha": 1.0, "lr": 2e-2, "targets": HOULSBY_TARGETS} for s in SURM_STRUCTURES},
 }
-DEFAULT_TARGETS = ["query", "key", "value", "dense"]
-HEAD = ["classifier"]
 
 
 def adapt(model: nn.Module, method: str, r: int, alpha: float, targets: list[str], dropout: float) -> nn.Module:
@@ -34,8 +39,13 @@ def adapt(model: nn.Module, method: str, r: int, alpha: float, targets: list[str
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in HEAD)
         return model
-    config_cls = {"lora": sp.LoraConfig, "flora": sp.FloraConfig}[method]
-    config = config_cls(r=r, alpha=alpha, dropout=dropout, target_modules=targets, modules_to_save=HEAD)
+    common = {"alpha": alpha, "dropout": dropout, "target_modules": targets, "modules_to_save": HEAD}
+    if method.startswith("surm-"):
+        structure = method.removeprefix("surm-").removesuffix("-adapter")
+        mode = "adapter" if method.endswith("-adapter") else "lora"
+        config = sp.SurmConfig(structure=structure, mode=mode, rank=r or 1, **common)
+    else:
+        config = {"lora": sp.LoraConfig, "flora": sp.FloraConfig}[method](r=r, **common)
     return sp.get_peft_model(model, config)
 
 
@@ -61,7 +71,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_set = subsample(train_set, args.train_size, args.seed)
     test_set = subsample(test_set, args.test_size, seed=0)  # the same test subset for every run
     model, tokenizer = load_text_classifier(args.model)
-    model = adapt(model, args.method, r, alpha, args.targets.split(","), args.dropout)
+    targets = args.targets.split(",") if args.targets else defaults.get("targets", DEFAULT_TARGETS)
+    model = adapt(model, args.method, r, alpha, targets, args.dropout)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out_dir = Path(args.output_dir or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(
@@ -120,10 +131,17 @@ def make_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a text classifier on Rotten Tomatoes (offline)")
     ft.add_argument("--method", choices=sorted(METHOD_DEFAULTS), default="lora")
     ft.add_argument("--model", default="minilm", help="preset name or a local HF model folder")
-    ft.add_argument("--r", type=int, default=None, help="rank (method default if unset)")
+    ft.add_argument(
+        "--r", type=int, default=None, help="rank; for SURM ldr the generator count (method default if unset)"
+    )
     ft.add_argument("--alpha", type=float, default=None)
     ft.add_argument("--dropout", type=float, default=0.0)
-    ft.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated target module names")
+    ft.add_argument(
+        "--targets",
+        default=None,
+        help=f"comma-separated target module names (default {','.join(DEFAULT_TARGETS)}; "
+        f"SURM adapters {','.join(HOULSBY_TARGETS)})",
+    )
     ft.add_argument("--epochs", type=int, default=1)
     ft.add_argument("--lr", type=float, default=None)
     ft.add_argument("--batch-size", type=int, default=32)
