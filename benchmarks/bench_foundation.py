@@ -37,34 +37,32 @@ def text_batch(tokenizer, n: int = 32) -> dict[str, torch.Tensor]:
     return {**enc, "labels": torch.tensor([e.label for e in chunk])}
 
 
+class MiniLMWorkload:
+    """MiniLM with a new head on one real Rotten Tomatoes batch; fresh adapted copies on demand."""
+
+    HEAD = {"modules_to_save": ["classifier"]}
+
+    def __init__(self) -> None:
+        from structpeft.zoo.text import load_text_classifier
+
+        self.base, tokenizer = load_text_classifier("minilm")
+        self.batch = text_batch(tokenizer)
+
+    def loss(self, model: nn.Module) -> torch.Tensor:
+        return model(**self.batch).loss
+
+    def candidate(self, name: str, config: sp.AdapterConfig | peft.PeftConfig) -> Candidate:
+        wrap = sp.get_peft_model if isinstance(config, sp.AdapterConfig) else peft.get_peft_model
+        return Candidate(name, wrap(copy.deepcopy(self.base), config).train(), self.loss)
+
+
 def bench_minilm(rounds: int) -> list[str]:
-    from structpeft.zoo.text import load_text_classifier
-
-    base, tokenizer = load_text_classifier("minilm")
-    batch = text_batch(tokenizer)
-
-    def loss(model: nn.Module) -> torch.Tensor:
-        return model(**batch).loss
-
-    def ours(config: sp.AdapterConfig) -> nn.Module:
-        return sp.get_peft_model(copy.deepcopy(base), config).train()
-
-    hf = peft.get_peft_model(
-        copy.deepcopy(base),
-        peft.LoraConfig(r=8, lora_alpha=16, target_modules=TEXT_TARGETS, modules_to_save=["classifier"]),
-    ).train()
+    work = MiniLMWorkload()
+    head = MiniLMWorkload.HEAD
     candidates = [
-        Candidate("hf-peft lora r=8", hf, loss),
-        Candidate(
-            "structpeft lora r=8",
-            ours(sp.LoraConfig(r=8, alpha=16, target_modules=TEXT_TARGETS, modules_to_save=["classifier"])),
-            loss,
-        ),
-        Candidate(
-            "structpeft flora r=8",
-            ours(sp.FloraConfig(r=8, alpha=16, target_modules=TEXT_TARGETS, modules_to_save=["classifier"])),
-            loss,
-        ),
+        work.candidate("hf-peft lora r=8", peft.LoraConfig(r=8, lora_alpha=16, target_modules=TEXT_TARGETS, **head)),
+        work.candidate("structpeft lora r=8", sp.LoraConfig(r=8, alpha=16, target_modules=TEXT_TARGETS, **head)),
+        work.candidate("structpeft flora r=8", sp.FloraConfig(r=8, alpha=16, target_modules=TEXT_TARGETS, **head)),
     ]
     results = compare(candidates, rounds)
     return print_ratios(

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 from pathlib import Path
@@ -21,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import structpeft as sp  # noqa: E402
-from bench_foundation import TEXT_TARGETS, text_batch  # noqa: E402
-from harness import Candidate, compare, print_ratios, time_interleaved  # noqa: E402
+from bench_foundation import TEXT_TARGETS, MiniLMWorkload  # noqa: E402
+from harness import compare, print_ratios, time_interleaved  # noqa: E402
 from structpeft import structured as S  # noqa: E402
 
 TOKENS = 2048  # a batch of 32 sequences x 64 tokens
@@ -65,38 +64,16 @@ def bench_products(rounds: int) -> None:
 
 
 def bench_minilm(rounds: int) -> list[str]:
-    from structpeft.zoo.text import load_text_classifier
-
-    base, tokenizer = load_text_classifier("minilm")
-    batch = text_batch(tokenizer)
-
-    def loss(model: torch.nn.Module) -> torch.Tensor:
-        return model(**batch).loss
-
-    def hf(config) -> torch.nn.Module:
-        return peft.get_peft_model(copy.deepcopy(base), config).train()
-
-    def ours(config: sp.AdapterConfig) -> torch.nn.Module:
-        return sp.get_peft_model(copy.deepcopy(base), config).train()
-
-    head = {"modules_to_save": ["classifier"]}
+    work = MiniLMWorkload()
+    head = MiniLMWorkload.HEAD
+    houlsby = ["attention.output.dense", "output.dense"]
     candidates = [
-        Candidate(
-            "hf-peft lora r=8", hf(peft.LoraConfig(r=8, lora_alpha=16, target_modules=TEXT_TARGETS, **head)), loss
-        ),
-        Candidate("hf-peft c3a b=384", hf(peft.C3AConfig(block_size=384, target_modules=TEXT_TARGETS, **head)), loss),
-        Candidate("surm circulant", ours(sp.SurmConfig(target_modules=TEXT_TARGETS, **head)), loss),
-        Candidate(
-            "surm toeplitz", ours(sp.SurmConfig(structure="toeplitz", target_modules=TEXT_TARGETS, **head)), loss
-        ),
-        Candidate(
-            "surm kronecker", ours(sp.SurmConfig(structure="kronecker", target_modules=TEXT_TARGETS, **head)), loss
-        ),
-        Candidate(
-            "surm circulant adapters",
-            ours(sp.SurmConfig(mode="adapter", target_modules=["attention.output.dense", "output.dense"], **head)),
-            loss,
-        ),
+        work.candidate("hf-peft lora r=8", peft.LoraConfig(r=8, lora_alpha=16, target_modules=TEXT_TARGETS, **head)),
+        work.candidate("hf-peft c3a b=384", peft.C3AConfig(block_size=384, target_modules=TEXT_TARGETS, **head)),
+        work.candidate("surm circulant", sp.SurmConfig(target_modules=TEXT_TARGETS, **head)),
+        work.candidate("surm toeplitz", sp.SurmConfig(structure="toeplitz", target_modules=TEXT_TARGETS, **head)),
+        work.candidate("surm kronecker", sp.SurmConfig(structure="kronecker", target_modules=TEXT_TARGETS, **head)),
+        work.candidate("surm circulant adapters", sp.SurmConfig(mode="adapter", target_modules=houlsby, **head)),
     ]
     results = compare(candidates, rounds)
     return print_ratios(

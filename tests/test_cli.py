@@ -43,3 +43,17 @@ def test_report_prints_a_table_and_writes_a_plot(tmp_path, capsys, monkeypatch) 
     assert "lora" in out and "81.00 ± 1.41" in out
     assert (tmp_path / "plot.png").stat().st_size > 1000
     assert main(["report", "--results", str(tmp_path / "none.jsonl")]) == 1
+
+
+@pytest.mark.parametrize(
+    "method,structure,mode",
+    [("surm-toeplitz", "toeplitz", "lora"), ("surm-kronecker-adapter", "kronecker", "adapter")],
+)
+def test_surm_method_names_map_to_configs(method, structure, mode) -> None:
+    from structpeft.cli import METHOD_DEFAULTS, adapt
+    from tests.models import tiny_bert
+
+    targets = METHOD_DEFAULTS[method].get("targets", ["query"])
+    model = adapt(tiny_bert(), method, r=0, alpha=1.0, targets=targets, dropout=0.0)
+    (config,) = model.peft_config["default"]
+    assert (config.structure, config.mode, config.modules_to_save) == (structure, mode, ["classifier"])

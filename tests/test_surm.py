@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
 
 import structpeft as sp
+from structpeft import structured as S
 from tests.models import MLP, ConvNet, tiny_bert
 
 
@@ -34,6 +38,22 @@ def linear(d_in: int, d_out: int) -> nn.Module:
 def test_lora_mode_parameter_counts(structure, extra, d_in, d_out, expected) -> None:
     model = sp.get_peft_model(linear(d_in, d_out), sp.SurmConfig(structure=structure, target_modules=["0"], **extra))
     assert trainable(model) == expected
+
+
+@pytest.mark.parametrize(
+    "structure,m,n,shapes",
+    [
+        ("circulant", 12, 12, [(12,)]),
+        ("circulant", 12, 8, [(3, 2, 4)]),
+        ("toeplitz", 12, 8, [(19,)]),
+        ("sym_toeplitz", 9, 9, [(9,)]),
+        ("kronecker", 12, 8, [(3, 2), (4, 4)]),
+        ("ldr", 12, 8, [(2, 12), (2, 12)]),
+    ],
+)
+def test_structured_num_params_counts_what_the_products_take(structure, m, n, shapes) -> None:
+    count = S.num_params(structure, m, n, rank=2, kronecker_a=(3, 2))
+    assert count == sum(math.prod(s) for s in shapes)
 
 
 def test_bert_base_adapters_have_55296_parameters() -> None:
@@ -88,3 +108,22 @@ def test_structures_that_cannot_serve_a_shape_say_which_can() -> None:
         sp.get_peft_model(ConvNet(2), sp.SurmConfig(target_modules=["conv"]))
     with pytest.raises(ValueError, match="structure='hankel'"):
         sp.SurmConfig(structure="hankel")
+
+
+def test_surm_composes_with_lora_and_flora_and_round_trips(tmp_path) -> None:
+    torch.manual_seed(0)
+    base = MLP()
+    fresh = copy.deepcopy(base)
+    configs = [
+        sp.SurmConfig(structure="toeplitz", target_modules=["lin0", "lin1"], init_weights=False),
+        sp.LoraConfig(target_modules=["lin1"], init_weights=False),
+        sp.FloraConfig(target_modules=["head"], init_weights=False),
+    ]
+    model = sp.get_peft_model(base, configs)
+    x = torch.randn(4, 10)
+    y = model(x)
+    assert set(model.base_model.lin1.adapters["default"]) == {"surm", "lora"}
+    model.save_pretrained(tmp_path)
+    loaded = sp.PeftModel.from_pretrained(fresh, tmp_path)
+    assert torch.equal(loaded(x), y)
+    assert torch.allclose(loaded.merge_and_unload()(x), y, atol=1e-5)

@@ -168,3 +168,22 @@ def ldr_matmul(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> torch.Tenso
 
 def ldr_dense(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return sum(circulant_dense(gi) @ skew_circulant_dense(hi) for gi, hi in zip(g, h))
+
+
+def num_params(structure: str, m: int, n: int, rank: int = 1, kronecker_a: tuple[int, int] = (1, 1)) -> int:
+    """Parameters of one (m x n) structured matrix, as the ``*_matmul`` functions take them
+    (SURM's zero-start ``b ⊙ a`` parameterisations hold twice these)."""
+    if structure == "circulant":
+        if m == n:
+            return n
+        return m * n // math.gcd(m, n)  # block-circulant grid, blocks of size gcd(m, n)
+    if structure == "toeplitz":
+        return m + n - 1
+    if structure == "sym_toeplitz":
+        return n
+    if structure == "kronecker":
+        rows, cols = kronecker_a
+        return rows * cols + (m // rows) * (n // cols)
+    if structure == "ldr":
+        return 2 * rank * max(m, n)
+    raise ValueError(f"unknown structure {structure!r}")
