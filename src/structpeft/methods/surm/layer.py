@@ -15,11 +15,16 @@ from structpeft.methods.surm.config import SurmConfig
 _ACTIVATIONS = {"identity": lambda h: h, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
 
 
-def _init_pair(shape: tuple[int, ...], fan: int, zero_start: bool) -> tuple[nn.Parameter, nn.Parameter]:
-    """(a, b): a random with variance 1/fan (so the structured matrix has O(1) gain), b zero for
-    the zero start or random like a otherwise."""
-    a = nn.Parameter(torch.randn(shape) / math.sqrt(fan))
-    b = nn.Parameter(torch.zeros(shape) if zero_start else torch.randn(shape) / math.sqrt(fan))
+def _init_pair(shape: tuple[int, ...], zero_start: bool) -> tuple[nn.Parameter, nn.Parameter]:
+    """(a, b): a ~ N(0, 1), b zero for the zero start or N(0, 1) otherwise.
+
+    Parameters live at unit scale and each operator multiplies a fixed gain of 1/sqrt(fan-in) into
+    them (so S has O(1) gain). With a itself stored at 1/sqrt(n) scale, Adam's steps of ~lr were
+    large relative changes of a, and a full MiniLM epoch at lr 2e-2 ended at 71% where 3,000
+    examples reached 79% (measured).
+    """
+    a = nn.Parameter(torch.randn(shape))
+    b = nn.Parameter(torch.zeros(shape) if zero_start else torch.randn(shape))
     return a, b
 
 
@@ -47,17 +52,18 @@ class Circulant(StructuredOperator):
         else:
             size = math.gcd(d_out, d_in)
             grid = (d_out // size, d_in // size, size)
-        self.a, self.b = _init_pair(grid, grid[1] * grid[2], zero_start)
+        self.a, self.b = _init_pair(grid, zero_start)
+        self.gain = 1 / math.sqrt(grid[1] * grid[2])
 
-    def _padded_in(self) -> int:
-        return self.a.shape[1] * self.a.shape[2]
+    def _columns(self) -> torch.Tensor:
+        return self.a * self.b * self.gain  # (q, p, block)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, self._padded_in() - self.d_in))  # no-op unless padding
-        return S.block_circulant_matmul(self.a * self.b, x)[..., : self.d_out]
+        x = F.pad(x, (0, self.a.shape[1] * self.a.shape[2] - self.d_in))  # no-op unless padding
+        return S.block_circulant_matmul(self._columns(), x)[..., : self.d_out]
 
     def dense(self) -> torch.Tensor:
-        return S.block_circulant_dense(self.a * self.b)[: self.d_out, : self.d_in]
+        return S.block_circulant_dense(self._columns())[: self.d_out, : self.d_in]
 
 
 class Toeplitz(StructuredOperator):
@@ -65,16 +71,17 @@ class Toeplitz(StructuredOperator):
 
     def __init__(self, d_out: int, d_in: int, zero_start: bool) -> None:
         super().__init__(d_out, d_in)
-        self.a = nn.Parameter(torch.randn(2 * d_in - 1) / math.sqrt(d_in))
-        self.b = nn.Parameter(
-            torch.zeros(d_out + d_in - 1) if zero_start else torch.randn(d_out + d_in - 1) / math.sqrt(d_in)
-        )
+        self.a = nn.Parameter(torch.randn(2 * d_in - 1))
+        self.b = nn.Parameter(torch.zeros(d_out + d_in - 1) if zero_start else torch.randn(d_out + d_in - 1))
+        self.gain = 1 / math.sqrt(d_in)  # on each factor
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return S.toeplitz_matmul(self.b, S.toeplitz_matmul(self.a, x, self.d_in), self.d_out)
+        inner = S.toeplitz_matmul(self.a * self.gain, x, self.d_in)  # (..., d_in)
+        return S.toeplitz_matmul(self.b * self.gain, inner, self.d_out)  # (..., d_out)
 
     def dense(self) -> torch.Tensor:
-        return S.toeplitz_dense(self.b, self.d_out, self.d_in) @ S.toeplitz_dense(self.a, self.d_in, self.d_in)
+        outer = S.toeplitz_dense(self.b * self.gain, self.d_out, self.d_in)
+        return outer @ S.toeplitz_dense(self.a * self.gain, self.d_in, self.d_in)
 
 
 class SymmetricToeplitz(StructuredOperator):
@@ -82,13 +89,14 @@ class SymmetricToeplitz(StructuredOperator):
 
     def __init__(self, n: int, zero_start: bool) -> None:
         super().__init__(n, n)
-        self.a, self.b = _init_pair((n,), n, zero_start)
+        self.a, self.b = _init_pair((n,), zero_start)
+        self.gain = 1 / math.sqrt(n)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return S.sym_toeplitz_matmul(self.a * self.b, x)
+        return S.sym_toeplitz_matmul(self.a * self.b * self.gain, x)
 
     def dense(self) -> torch.Tensor:
-        return S.sym_toeplitz_dense(self.a * self.b)
+        return S.sym_toeplitz_dense(self.a * self.b * self.gain)
 
 
 class Kronecker(StructuredOperator):
@@ -98,14 +106,15 @@ class Kronecker(StructuredOperator):
         super().__init__(d_out, d_in)
         rows, cols = a_shape
         b_shape = (d_out // rows, d_in // cols)
-        self.a = nn.Parameter(torch.randn(rows, cols) / math.sqrt(cols))
-        self.b = nn.Parameter(torch.zeros(b_shape) if zero_start else torch.randn(b_shape) / math.sqrt(b_shape[1]))
+        self.a = nn.Parameter(torch.randn(rows, cols))
+        self.b = nn.Parameter(torch.zeros(b_shape) if zero_start else torch.randn(b_shape))
+        self.gain = 1 / math.sqrt(d_in)  # A ⊗ B's fan-in is cols · b_cols = d_in
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return S.kronecker_matmul(self.a, self.b, x)
+        return S.kronecker_matmul(self.a * self.gain, self.b, x)
 
     def dense(self) -> torch.Tensor:
-        return S.kronecker_dense(self.a, self.b)
+        return S.kronecker_dense(self.a * self.gain, self.b)
 
 
 class LowDisplacementRank(StructuredOperator):
@@ -114,14 +123,15 @@ class LowDisplacementRank(StructuredOperator):
     def __init__(self, d_out: int, d_in: int, rank: int, zero_start: bool) -> None:
         super().__init__(d_out, d_in)
         n = max(d_out, d_in)
-        self.g, self.h = _init_pair((rank, n), n, zero_start)
+        self.g, self.h = _init_pair((rank, n), zero_start)
+        self.gain = 1 / math.sqrt(n)  # on each generator
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, self.g.shape[1] - self.d_in))
-        return S.ldr_matmul(self.g, self.h, x)[..., : self.d_out]
+        return S.ldr_matmul(self.g * self.gain, self.h * self.gain, x)[..., : self.d_out]
 
     def dense(self) -> torch.Tensor:
-        return S.ldr_dense(self.g, self.h)[: self.d_out, : self.d_in]
+        return S.ldr_dense(self.g * self.gain, self.h * self.gain)[: self.d_out, : self.d_in]
 
 
 def _nearest_divisor(n: int, target: float) -> int:
