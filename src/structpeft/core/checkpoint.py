@@ -56,7 +56,7 @@ def adapter_state_dict(model: PeftModel, adapter: str) -> dict[str, torch.Tensor
             for delta in layer.adapters[adapter].values():
                 for key, value in delta.state_dict().items():
                     state[f"{KEY_PREFIX}{name}.{key}"] = value
-    for name, module in model._saved_modules():
+    for name, module in model.saved_modules():
         if adapter in module.copies:
             for key, value in module.copies[adapter].state_dict().items():
                 state[f"{KEY_PREFIX}{name}.{key}"] = value

@@ -37,10 +37,6 @@ class LayerGeometry:
     transposed: bool = False
     groups: int = 1
 
-    @property
-    def spatial_dims(self) -> int:
-        return len(self.weight_shape) - 2
-
 
 SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embedding"
 

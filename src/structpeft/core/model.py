@@ -86,7 +86,7 @@ class PeftModel(nn.Module):
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
         return ((n, m) for n, m in named_modules(self.base_model) if isinstance(m, AdaptedLayer))
 
-    def _saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
+    def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         return ((n, m) for n, m in named_modules(self.base_model) if isinstance(m, ModulesToSave))
 
     # -- adding and removing --------------------------------------------------------------
@@ -99,7 +99,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
         # A module kept whole (modules_to_save), now or by this adapter, is never also adapted.
-        saved = {n for n, _ in self._saved_modules()} | set(self._modules_to_save_names(configs))
+        saved = {n for n, _ in self.saved_modules()} | set(self._modules_to_save_names(configs))
         plan: dict[str, dict[str, AdapterDelta]] = {}
         for config in configs:
             if not config.target_modules and config.modules_to_save:
@@ -155,7 +155,7 @@ class PeftModel(nn.Module):
                 del layer.adapters[adapter_name]
             if not layer.adapters:
                 set_submodule(self.base_model, name, layer.base_layer)
-        for name, module in list(self._saved_modules()):
+        for name, module in list(self.saved_modules()):
             if adapter_name in module.copies:
                 del module.copies[adapter_name]
             if not module.copies:
@@ -180,7 +180,7 @@ class PeftModel(nn.Module):
     def _refresh(self) -> None:
         """Push the active set into every wrapper; only active, trainable adapters get gradients."""
         wrappers = [(m, m.adapters) for _, m in self.adapted_layers()]
-        wrappers += [(m, m.copies) for _, m in self._saved_modules()]
+        wrappers += [(m, m.copies) for _, m in self.saved_modules()]
         for wrapper, per_adapter in wrappers:
             wrapper.active_adapters = list(self.active_adapters)
             for adapter, params in per_adapter.items():
@@ -189,7 +189,7 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model as it was: no delta, original heads."""
-        wrappers = [m for _, m in self.adapted_layers()] + [m for _, m in self._saved_modules()]
+        wrappers = [m for _, m in self.adapted_layers()] + [m for _, m in self.saved_modules()]
         for m in wrappers:
             m.disabled = True
         try:
@@ -234,7 +234,7 @@ class PeftModel(nn.Module):
         """Return the base model with every wrapper removed (unmerged deltas are dropped)."""
         for name, layer in list(self.adapted_layers()):
             set_submodule(self.base_model, name, layer.base_layer)
-        for name, module in list(self._saved_modules()):
+        for name, module in list(self.saved_modules()):
             set_submodule(self.base_model, name, module.active_copy())
         return self.base_model
 
