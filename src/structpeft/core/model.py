@@ -138,7 +138,7 @@ class PeftModel(nn.Module):
 
     def _modules_to_save_names(self, configs: list[AdapterConfig]) -> list[str]:
         entries = sorted({e for c in configs for e in (c.modules_to_save or [])})
-        return resolve_targets(self.base_model, entries) if entries else []
+        return resolve_targets(self.base_model, entries, what="modules_to_save") if entries else []
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig | list[AdapterConfig]) -> None:
         """Add an adapter (one config, or a list of methods composed); ``set_adapter`` activates it."""

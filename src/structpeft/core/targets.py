@@ -57,7 +57,10 @@ def _output_layer_names(model: nn.Module) -> set[str]:
 
 
 def resolve_targets(
-    model: nn.Module, target_modules: list[str] | str | None, exclude: set[str] = frozenset()
+    model: nn.Module,
+    target_modules: list[str] | str | None,
+    exclude: set[str] = frozenset(),
+    what: str = "target_modules",
 ) -> list[str]:
     """Names of the modules ``target_modules`` selects, in model order.
 
@@ -90,7 +93,7 @@ def resolve_targets(
         for e in missing:
             close = difflib.get_close_matches(e, candidates, n=3, cutoff=0.5)
             hints.append(f"{e!r} (closest: {', '.join(close) if close else 'none'})")
-        raise ValueError(f"target_modules entries matched no module: {'; '.join(hints)}")
+        raise ValueError(f"{what} entries matched no module: {'; '.join(hints)}")
     return [n for n, _ in modules if any(_matches(n, e) for e in entries)]
 
 
