@@ -150,3 +150,16 @@ def test_merge_with_an_unmergeable_method_merges_nothing() -> None:
             call()
         assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
         assert all(not layer.merged_adapters for _, layer in model.adapted_layers())
+
+
+def test_a_merge_that_fails_midway_is_rolled_back() -> None:
+    torch.manual_seed(0)
+    model = sp.get_peft_model(MLP(), sp.LoraConfig(target_modules=["lin0", "lin1"], init_weights=False))
+    with torch.no_grad():
+        model.base_model.lin1.adapters["default"]["lora"].lora_B.weight.fill_(float("inf"))
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with pytest.raises(ValueError, match="non-finite"):
+        model.merge_adapter()
+    # lin0 merged before lin1 failed, and was taken out again (w + Δ - Δ: equal up to rounding)
+    assert all(torch.allclose(p, weights[n], atol=1e-6) for n, p in model.named_parameters() if "base_layer" in n)
+    assert all(not layer.merged_adapters for _, layer in model.adapted_layers())

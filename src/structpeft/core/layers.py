@@ -137,29 +137,39 @@ class AdaptedLayer(nn.Module):
         return delta_w.T if self.geometry.transposed else delta_w
 
     def _shift_weights(self, adapter: str, sign: float) -> None:
+        """Add (sign=+1) or remove (-1) all of an adapter's deltas; checked in full before writing."""
         weight = self.base_layer.weight
         bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
+            new_w = weight.float()
+            new_b = None if bias is None else bias.float()
             for method, delta in self.adapters[adapter].items():
-                dw = self._to_storage(delta.delta_weight(self.base_layer))
+                new_w = new_w + sign * self._to_storage(delta.delta_weight(self.base_layer)).float()
                 db = delta.delta_bias(self.base_layer)
-                new_w = weight.float() + sign * dw.float()
-                if not torch.isfinite(new_w).all():
-                    raise ValueError(f"merging adapter {adapter!r} ({method}) gives non-finite weights")
-                weight.copy_(new_w.to(weight.dtype))
                 if db is not None:
-                    if bias is None:
+                    if new_b is None:
                         raise ValueError(f"adapter {adapter!r} ({method}) has a bias delta but the layer has no bias")
-                    bias.copy_((bias.float() + sign * db.float()).to(bias.dtype))
+                    new_b = new_b + sign * db.float()
+            if not torch.isfinite(new_w).all():
+                raise ValueError(f"merging adapter {adapter!r} gives non-finite weights")
+            weight.copy_(new_w.to(weight.dtype))
+            if new_b is not None:
+                bias.copy_(new_b.to(bias.dtype))
 
-    def merge(self, adapter: str) -> None:
-        if adapter in self.adapters and adapter not in self.merged_adapters:
-            self._shift_weights(adapter, +1.0)
-            self.merged_adapters.append(adapter)
+    def merge(self, adapter: str) -> bool:
+        """Fold ``adapter`` into the base weights; False if there was nothing to merge."""
+        if adapter not in self.adapters or adapter in self.merged_adapters:
+            return False
+        self._shift_weights(adapter, +1.0)
+        self.merged_adapters.append(adapter)
+        return True
 
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            self._shift_weights(self.merged_adapters.pop(), -1.0)
+    def unmerge(self, adapter: str | None = None) -> None:
+        """Take ``adapter`` (default: every merged adapter) back out of the base weights."""
+        for name in [adapter] if adapter is not None else self.merged_adapters[::-1]:
+            if name in self.merged_adapters:
+                self._shift_weights(name, -1.0)
+                self.merged_adapters.remove(name)
 
 
 class ModulesToSave(nn.Module):

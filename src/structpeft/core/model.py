@@ -217,9 +217,14 @@ class PeftModel(nn.Module):
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         self._check_exists(names)
         self._check_mergeable(names)
-        for _, layer in self.adapted_layers():
-            for a in names:
-                layer.merge(a)
+        merged: list[tuple[AdaptedLayer, str]] = []
+        try:
+            for _, layer in self.adapted_layers():
+                merged += [(layer, a) for a in names if layer.merge(a)]
+        except Exception:
+            for layer, a in reversed(merged):  # all or nothing, also when a merge fails midway
+                layer.unmerge(a)
+            raise
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.adapted_layers():
