@@ -57,3 +57,13 @@ def test_surm_method_names_map_to_configs(method, structure, mode) -> None:
     model = adapt(tiny_bert(), method, r=0, alpha=1.0, targets=targets, dropout=0.0)
     (config,) = model.peft_config["default"]
     assert (config.structure, config.mode, config.modules_to_save) == (structure, mode, ["classifier"])
+
+
+def test_a_config_error_is_a_message_not_a_traceback(capsys, monkeypatch) -> None:
+    import structpeft.zoo.text as text
+    from tests.models import tiny_bert
+
+    monkeypatch.setattr(text, "load_text_classifier", lambda preset: (tiny_bert(), None))
+    code = main(["finetune", "--method", "lora", "--targets", "qery", "--train-size", "8", "--test-size", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "structpeft finetune: error: target_modules entries matched no module: 'qery'" in err

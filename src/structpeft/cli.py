@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
             make_parser().error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad targets, shapes, missing assets: no traceback
+        print(f"structpeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
