@@ -8,7 +8,7 @@ from structpeft.core import (
     PeftModel,
     get_peft_model,
 )
-from structpeft.methods import FloraConfig, LoraConfig, SurmConfig
+from structpeft.methods import CoeffConfig, FloraConfig, KernelMixConfig, LoraConfig, SurmConfig
 
 __version__ = "0.1.0"
 
@@ -17,7 +17,9 @@ __all__ = [
     "AdapterConfig",
     "AdapterDelta",
     "CheckpointError",
+    "CoeffConfig",
     "FloraConfig",
+    "KernelMixConfig",
     "LoraConfig",
     "PeftModel",
     "SurmConfig",

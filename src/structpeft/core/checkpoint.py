@@ -51,9 +51,9 @@ def _base_model_name(model: torch.nn.Module) -> str:
 
 def adapter_state_dict(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for name, layer in model.adapted_layers():
-        if adapter in layer.adapters:
-            for delta in layer.adapters[adapter].values():
+    for name, host in model.adapter_hosts():
+        if adapter in host.adapters:
+            for delta in host.adapters[adapter].values():
                 for key, value in delta.state_dict().items():
                     state[f"{KEY_PREFIX}{name}.{key}"] = value
     for name, module in model.saved_modules():

@@ -63,6 +63,23 @@ class AdapterConfig:
         """Build this method's trainable update for the frozen ``layer`` at path ``name``."""
         raise NotImplementedError
 
+    # -- what a method may override ---------------------------------------------------------
+    def find_targets(self, model: nn.Module, exclude: set[str]) -> list[str]:
+        """Paths of the modules this config adapts (default: ``target_modules`` resolved)."""
+        from structpeft.core.targets import resolve_targets
+
+        if not self.target_modules and self.modules_to_save:
+            return []  # a config may only keep heads trainable
+        return resolve_targets(model, self.target_modules, exclude=exclude)
+
+    def create_deltas(self, module: nn.Module, name: str) -> dict[str, AdapterDelta]:
+        """The deltas for the target ``module`` at ``name``, keyed by path relative to it ("" = itself).
+
+        A method that adapts several layers of one target (the projections of an attention
+        block) returns one delta per layer.
+        """
+        return {"": self.create_delta(module, name)}
+
     # -- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}

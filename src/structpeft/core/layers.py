@@ -1,9 +1,14 @@
-"""The wrapper that puts trainable deltas beside a frozen layer, and what it needs to know of layers.
+"""Where deltas live: beside a frozen layer, or inside a module whose computation they change.
 
-A method contributes an :class:`AdapterDelta` per (adapter, target layer). The wrapper owns the
-frozen ``base_layer`` and, keyed by adapter name then by method, the deltas; its forward has one
-branch order for every method: disabled -> base; otherwise base (with any merged deltas already in
-its weight) plus each active, unmerged delta in turn.
+A method contributes an :class:`AdapterDelta` per (adapter, target module). Two hosts hold them,
+keyed by adapter name then by method:
+
+- :class:`AdaptedLayer` replaces a leaf layer (Linear, Conv, Embedding). It owns the frozen
+  ``base_layer``; its forward has one branch order for every method: disabled -> base; otherwise
+  base (with any merged deltas already in its weight) plus each active, unmerged delta in turn.
+- :class:`ModuleAdapters` is attached as a child to a module that stays in place (an attention
+  layer). Its deltas act inside that module's forward, through a hook the method installs
+  (``AdapterDelta.on_attach``); the hook asks the host for its active deltas.
 """
 
 from __future__ import annotations
@@ -94,6 +99,13 @@ class AdapterDelta(nn.Module):
     """
 
     mergeable: bool = True
+    acts_inside: bool = False  # True: hosted by ModuleAdapters and read by a hook, not added to an output
+
+    def on_attach(self, module: nn.Module) -> None:
+        """Called when the delta is put into the model on ``module`` (install a hook here)."""
+
+    def on_detach(self, module: nn.Module) -> None:
+        """Called when the delta leaves the model (remove what ``on_attach`` installed)."""
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
@@ -105,17 +117,54 @@ class AdapterDelta(nn.Module):
         return None
 
 
-class AdaptedLayer(nn.Module):
+class AdapterHost(nn.Module):
+    """What both hosts share: ``adapters[adapter_name][method] -> AdapterDelta`` and the switches
+    the wrapper model sets (active adapters, disabled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    def unmergeable_methods(self, adapter: str) -> list[str]:
+        return [m for m, d in self.adapters[adapter].items() if not d.mergeable]
+
+    def merge(self, adapter: str) -> bool:
+        return False
+
+    def unmerge(self, adapter: str | None = None) -> None:
+        pass
+
+
+class ModuleAdapters(AdapterHost):
+    """The deltas that act inside ``module``'s own forward; attached to it as :data:`HOST_ATTRIBUTE`."""
+
+    def active_deltas(self, method: str) -> list[AdapterDelta]:
+        """The ``method`` deltas of the active adapters, in activation order; none when disabled."""
+        if self.disabled:
+            return []
+        return [
+            self.adapters[a][method] for a in self.active_adapters if a in self.adapters and method in self.adapters[a]
+        ]
+
+
+HOST_ATTRIBUTE = "structpeft_adapters"
+
+
+def module_host(module: nn.Module) -> ModuleAdapters | None:
+    """The :class:`ModuleAdapters` attached to ``module``, if any (what a method's hook reads)."""
+    return module._modules.get(HOST_ATTRIBUTE)
+
+
+class AdaptedLayer(AdapterHost):
     """A frozen layer plus its deltas: ``adapters[adapter_name][method] -> AdapterDelta``."""
 
     def __init__(self, base_layer: nn.Module, name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.geometry = layer_geometry(base_layer, name)
-        self.adapters = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disabled = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
@@ -130,9 +179,6 @@ class AdaptedLayer(nn.Module):
         return result
 
     # -- merging --------------------------------------------------------------------------
-    def unmergeable_methods(self, adapter: str) -> list[str]:
-        return [m for m, d in self.adapters[adapter].items() if not d.mergeable]
-
     def _to_storage(self, delta_w: torch.Tensor) -> torch.Tensor:
         return delta_w.T if self.geometry.transposed else delta_w
 

@@ -13,8 +13,16 @@ from torch import nn
 
 from structpeft.core import checkpoint
 from structpeft.core.config import AdapterConfig
-from structpeft.core.layers import AdaptedLayer, AdapterDelta, ModulesToSave
-from structpeft.core.targets import get_submodule, named_modules, resolve_targets, set_submodule
+from structpeft.core.layers import (
+    HOST_ATTRIBUTE,
+    AdaptedLayer,
+    AdapterDelta,
+    AdapterHost,
+    ModuleAdapters,
+    ModulesToSave,
+    module_host,
+)
+from structpeft.core.targets import get_submodule, named_modules, resolve_targets, set_submodule, unwrapped
 
 DEFAULT_ADAPTER = "default"
 
@@ -50,8 +58,10 @@ class _BaseModelForward:
 class PeftModel(nn.Module):
     """A base model with structpeft adapters injected in place.
 
-    The base model's own modules are swapped for :class:`AdaptedLayer` wrappers; everything else
-    (its forward, ``generate``, ``config``) is reached through this object as on the base model.
+    The base model's adapted leaf layers are swapped for :class:`AdaptedLayer` wrappers, and
+    modules whose computation a method changes from inside (attention) get a :class:`ModuleAdapters`
+    child; everything else (its forward, ``generate``, ``config``) is reached through this object
+    as on the base model.
     """
 
     def __init__(
@@ -89,6 +99,14 @@ class PeftModel(nn.Module):
     def saved_modules(self) -> Iterator[tuple[str, ModulesToSave]]:
         return ((n, m) for n, m in named_modules(self.base_model) if isinstance(m, ModulesToSave))
 
+    def adapter_hosts(self) -> Iterator[tuple[str, AdapterHost]]:
+        """Every place deltas live, with the path of the module they adapt."""
+        for name, module in named_modules(self.base_model):
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+            elif (host := module_host(module)) is not None:
+                yield name, host
+
     # -- adding and removing --------------------------------------------------------------
     def plan_adapter(self, adapter_name: str, configs: list[AdapterConfig]) -> dict[str, dict[str, AdapterDelta]]:
         """Build an adapter's deltas without touching the model: ``{layer path: {method: delta}}``.
@@ -102,19 +120,19 @@ class PeftModel(nn.Module):
         saved = {n for n, _ in self.saved_modules()} | set(self._modules_to_save_names(configs))
         plan: dict[str, dict[str, AdapterDelta]] = {}
         for config in configs:
-            if not config.target_modules and config.modules_to_save:
-                continue  # a config may only keep heads trainable
             method = config.peft_type.lower()
-            for name in resolve_targets(self.base_model, config.target_modules, exclude=saved):
-                layer = get_submodule(self.base_model, name)
-                base = layer.base_layer if isinstance(layer, AdaptedLayer) else layer
-                deltas = plan.setdefault(name, {})
-                if method in deltas:
-                    raise ValueError(
-                        f"module {name!r} is targeted twice by {config.peft_type} configs in adapter "
-                        f"{adapter_name!r}; make their target_modules disjoint"
-                    )
-                deltas[method] = config.create_delta(base, name).to(base.weight.device)
+            for name in config.find_targets(self.base_model, saved):
+                target = unwrapped(get_submodule(self.base_model, name))
+                device = next(target.parameters()).device
+                for relative, delta in config.create_deltas(target, name).items():
+                    path = ".".join(p for p in (name, relative) if p)
+                    deltas = plan.setdefault(path, {})
+                    if method in deltas:
+                        raise ValueError(
+                            f"module {path!r} is targeted twice by {config.peft_type} configs in adapter "
+                            f"{adapter_name!r}; make their target_modules disjoint"
+                        )
+                    deltas[method] = delta.to(device)
         return plan
 
     def attach_adapter(
@@ -122,11 +140,24 @@ class PeftModel(nn.Module):
     ) -> None:
         """Put a planned adapter into the model (the step that cannot fail on user input)."""
         for name, deltas in plan.items():
-            layer = get_submodule(self.base_model, name)
-            if not isinstance(layer, AdaptedLayer):
-                layer = AdaptedLayer(layer, name)
-                set_submodule(self.base_model, name, layer)
-            layer.adapters[adapter_name] = nn.ModuleDict(deltas)
+            inside = {m: d for m, d in deltas.items() if d.acts_inside}
+            if len(inside) < len(deltas):
+                layer = get_submodule(self.base_model, name)
+                if not isinstance(layer, AdaptedLayer):
+                    layer = AdaptedLayer(layer, name)
+                    set_submodule(self.base_model, name, layer)
+                layer.adapters[adapter_name] = nn.ModuleDict({m: d for m, d in deltas.items() if not d.acts_inside})
+                layer.train(layer.base_layer.training)  # new deltas follow the model's train/eval mode
+            if inside:
+                module = get_submodule(self.base_model, name)
+                host = module_host(module)
+                if host is None:
+                    host = ModuleAdapters()
+                    module.add_module(HOST_ATTRIBUTE, host)
+                host.adapters[adapter_name] = nn.ModuleDict(inside)
+                host.train(module.training)
+                for delta in inside.values():
+                    delta.on_attach(module)
         for name in self._modules_to_save_names(configs):
             module = get_submodule(self.base_model, name)
             if not isinstance(module, ModulesToSave):
@@ -147,14 +178,12 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_exists([adapter_name])
-        for name, layer in list(self.adapted_layers()):
-            if adapter_name in layer.merged_adapters:
+        for name, host in list(self.adapter_hosts()):
+            if adapter_name in host.merged_adapters:
                 raise ValueError(f"adapter {adapter_name!r} is merged in {name!r}; unmerge_adapter() first")
-        for name, layer in list(self.adapted_layers()):
-            if adapter_name in layer.adapters:
-                del layer.adapters[adapter_name]
-            if not layer.adapters:
-                set_submodule(self.base_model, name, layer.base_layer)
+        for name, host in list(self.adapter_hosts()):
+            if adapter_name in host.adapters:
+                self._remove_deltas(name, host, [adapter_name])
         for name, module in list(self.saved_modules()):
             if adapter_name in module.copies:
                 del module.copies[adapter_name]
@@ -177,9 +206,23 @@ class PeftModel(nn.Module):
         self.active_adapters = names
         self._refresh()
 
+    def _remove_deltas(self, name: str, host: AdapterHost, adapters: list[str]) -> None:
+        """Take ``adapters`` out of ``host`` (the host of module ``name``); drop the host once empty."""
+        module = unwrapped(get_submodule(self.base_model, name))
+        for adapter in adapters:
+            for delta in host.adapters[adapter].values():
+                delta.on_detach(module)
+            del host.adapters[adapter]
+        if host.adapters:
+            return
+        if isinstance(host, AdaptedLayer):
+            set_submodule(self.base_model, name, host.base_layer)
+        else:
+            delattr(module, HOST_ATTRIBUTE)
+
     def _refresh(self) -> None:
         """Push the active set into every wrapper; only active, trainable adapters get gradients."""
-        wrappers = [(m, m.adapters) for _, m in self.adapted_layers()]
+        wrappers = [(m, m.adapters) for _, m in self.adapter_hosts()]
         wrappers += [(m, m.copies) for _, m in self.saved_modules()]
         for wrapper, per_adapter in wrappers:
             wrapper.active_adapters = list(self.active_adapters)
@@ -189,7 +232,7 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model as it was: no delta, original heads."""
-        wrappers = [m for _, m in self.adapted_layers()] + [m for _, m in self.saved_modules()]
+        wrappers = [m for _, m in self.adapter_hosts()] + [m for _, m in self.saved_modules()]
         for m in wrappers:
             m.disabled = True
         try:
@@ -199,46 +242,63 @@ class PeftModel(nn.Module):
                 m.disabled = False
 
     # -- merging --------------------------------------------------------------------------
-    def _check_mergeable(self, adapters: list[str]) -> None:
-        blocked = [
-            f"{name} ({', '.join(methods)})"
-            for name, layer in self.adapted_layers()
-            for a in adapters
-            if a in layer.adapters and (methods := layer.unmergeable_methods(a))
-        ]
-        if blocked:
-            raise ValueError(
-                "cannot merge: these modules carry deltas that do not fold into weights: "
-                + "; ".join(blocked)
-                + ". Nothing was merged."
-            )
+    def _unmergeable(self, adapters: list[str]) -> dict[str, list[str]]:
+        """``{module path: [method, ...]}`` of the deltas of ``adapters`` that do not fold into weights."""
+        found: dict[str, list[str]] = {}
+        for name, host in self.adapter_hosts():
+            methods = sorted({m for a in adapters if a in host.adapters for m in host.unmergeable_methods(a)})
+            if methods:
+                found[name] = methods
+        return found
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, keep_unmergeable: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; all or nothing.
+
+        Modules carrying a delta that cannot merge (Coeff-Tuning, SURM adapters) make this an
+        error, unless ``keep_unmergeable``: then those modules are left as they are and still act.
+        """
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         self._check_exists(names)
-        self._check_mergeable(names)
-        merged: list[tuple[AdaptedLayer, str]] = []
+        kept = self._unmergeable(names)
+        if kept and not keep_unmergeable:
+            listing = "; ".join(f"{name} ({', '.join(methods)})" for name, methods in kept.items())
+            raise ValueError(
+                f"cannot merge: these modules carry deltas that do not fold into weights: {listing}. Nothing was "
+                "merged. Pass keep_unmergeable=True to merge the rest and keep these modules adapted."
+            )
+        merged: list[tuple[AdapterHost, str]] = []
         try:
-            for _, layer in self.adapted_layers():
-                merged += [(layer, a) for a in names if layer.merge(a)]
+            # Backwards through the model: a delta may read another layer's frozen weight (Kernel-mix's
+            # V reads the key projection, which comes earlier), so that layer must still be unmerged.
+            # unmerge_adapter() then runs forwards, restoring the earlier layers first.
+            for name, host in reversed(list(self.adapter_hosts())):
+                if name not in kept:
+                    merged += [(host, a) for a in names if host.merge(a)]
         except Exception:
-            for layer, a in reversed(merged):  # all or nothing, also when a merge fails midway
-                layer.unmerge(a)
+            for host, a in reversed(merged):  # all or nothing, also when a merge fails midway
+                host.unmerge(a)
             raise
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.adapted_layers():
-            layer.unmerge()
+        for _, host in self.adapter_hosts():
+            host.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the active adapters into the weights and return the plain base model."""
-        self.merge_adapter()
-        return self.unload()
+    def merge_and_unload(self, keep_unmergeable: bool = False) -> nn.Module:
+        """Fold the active adapters into the weights and return the base model without wrappers.
 
-    def unload(self) -> nn.Module:
-        """Return the base model with every wrapper removed (unmerged deltas are dropped)."""
-        for name, layer in list(self.adapted_layers()):
-            set_submodule(self.base_model, name, layer.base_layer)
+        With ``keep_unmergeable=True`` the modules whose deltas cannot merge keep them (and keep
+        acting); every other module is merged and unwrapped.
+        """
+        kept = set(self._unmergeable(list(self.active_adapters))) if keep_unmergeable else set()
+        self.merge_adapter(keep_unmergeable=keep_unmergeable)
+        return self.unload(keep=kept)
+
+    def unload(self, keep: set[str] = frozenset()) -> nn.Module:
+        """Return the base model with every wrapper removed (unmerged deltas are dropped), but for
+        the adapted modules named in ``keep``."""
+        for name, host in list(self.adapter_hosts()):
+            if name not in keep:
+                self._remove_deltas(name, host, list(host.adapters))
         for name, module in list(self.saved_modules()):
             set_submodule(self.base_model, name, module.active_copy())
         return self.base_model

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from structpeft.core.layers import AdaptedLayer, HFConv1D, ModulesToSave
+from structpeft.core.layers import AdaptedLayer, HFConv1D, ModuleAdapters, ModulesToSave
 
 ALL_LINEAR = "all-linear"
 
@@ -17,7 +17,7 @@ def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``model.named_modules()`` with structpeft's wrappers seen as the layer they wrap.
 
     Paths are those of the unadapted model, so targets resolve the same before and after a first
-    adapter is added.
+    adapter is added; the deltas structpeft attached inside modules are not listed.
     """
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -25,7 +25,8 @@ def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         if isinstance(module, AdaptedLayer | ModulesToSave):
             return
         for child_name, child in module.named_children():
-            yield from walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+            if not isinstance(child, ModuleAdapters):
+                yield from walk(child, f"{prefix}.{child_name}" if prefix else child_name)
 
     yield from walk(model, "")
 

@@ -1,0 +1,99 @@
+"""Attention with mixed head maps, as pure tensor code (Coeff-Tuning, arXiv 2503.18337).
+
+Each head's map ``A_k = softmax(Q_k K_{g(k)}^T · s + M)`` is a filter; the output of head h uses
+the mix ``Â_h = Σ_k C[h, k] A_k`` of all H maps: ``O_h = Â_h V_{g(h)}``, where ``g`` sends a query
+head to its key/value head (grouped-query attention; g(h) = h without it).
+
+Two paths give the same outputs and gradients:
+
+- materialised: all maps at once; autograd keeps the (B, H, N, M) maps for the backward.
+- query-chunked: queries in chunks, each chunk recomputed in the backward
+  (``torch.utils.checkpoint``), so at most one chunk's maps are alive at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = attend) as 0 / most-negative values; float masks are already additive."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    mixing: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, n, d = query.shape  # (B, H, N, d)
+    kv_heads, m = key.shape[1], key.shape[2]  # key, value: (B, Hkv, M, d)
+    group = heads // kv_heads
+    # Grouped heads share their key: fold the group into the query axis instead of copying keys.
+    q = query.reshape(batch, kv_heads, group * n, d)  # (B, Hkv, G·N, d)
+    scores = (q @ key.transpose(-1, -2)).view(batch, heads, n, m) * scaling  # (B, H, N, M)
+    if mask is not None:
+        scores = scores + mask
+    maps = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, N, M)
+    mixed = (mixing.to(maps.dtype) @ maps.view(batch, heads, n * m)).view(batch, heads, n, m)  # Â = C · A
+    mixed = F.dropout(mixed, p=dropout_p, training=training)
+    out = mixed.view(batch, kv_heads, group * n, m) @ value  # (B, Hkv, G·N, d)
+    return out.view(batch, heads, n, value.shape[-1]), mixed
+
+
+def mixed_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    mixing: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention whose head maps are mixed by ``mixing`` (H, H).
+
+    query (B, H, N, d); key and value (B, Hkv, M, d) with H a multiple of Hkv; ``mask`` boolean
+    (True = attend) or additive, broadcastable to (B, H, N, M). Returns the outputs (B, H, N, d)
+    and, on the materialised path, the mixed maps (B, H, N, M) (None when chunked).
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads or mixing.shape != (heads, heads):
+        raise ValueError(
+            f"head mixing {tuple(mixing.shape)} does not fit {heads} query heads over {kv_heads} key/value heads"
+        )
+    mask = additive_mask(mask, query.dtype)
+    if mask is not None and mask.dim() == 4 and mask.shape[1] not in (1, heads):
+        raise ValueError(f"attention mask with {mask.shape[1]} heads for {heads} query heads")
+    n = query.shape[2]
+    if chunk_size is None or chunk_size >= n:
+        return _attend(query, key, value, mask, mixing, scaling, dropout_p, training)
+
+    outs = []
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        chunk_mask = mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
+        out, _ = checkpoint(
+            _attend,
+            query[:, :, rows],
+            key,
+            value,
+            chunk_mask,
+            mixing,
+            scaling,
+            dropout_p,
+            training,
+            use_reentrant=False,
+        )
+        outs.append(out)
+    return torch.cat(outs, dim=2), None
