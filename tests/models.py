@@ -82,6 +82,51 @@ def tiny_llama() -> nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def tiny_vit() -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=28, patch_size=14
+    )
+    return ViTForImageClassification(cfg)
+
+
+def tiny_dinov2() -> nn.Module:
+    from transformers import Dinov2Config, Dinov2Model
+
+    cfg = Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=28, patch_size=14
+    )
+    return Dinov2Model(cfg)
+
+
+class MHANet(nn.Module):
+    """torch's own attention: nn.MultiheadAttention called with a key padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.ff = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, key_padding_mask=padding, need_weights=False)
+        return self.head(torch.relu(self.ff(h + a)).mean(1))
+
+
+def _mha_inputs(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, -2:] = True
+    return {"x": torch.randn(2, 5, 6, generator=g), "padding": padding}
+
+
+def _pixels(seed: int) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(seed))}
+
+
 def _ids(seed: int, vocab: int = 100) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2, 7), generator=g)
@@ -101,6 +146,10 @@ class Case:
     modules_to_save: list[str] | None = None
     flora_r: int | list[int] = 4
     linear_targets: list[str] | str | None = None  # for methods that adapt linear layers only (SURM)
+    attention: str | None = None  # "hf" (transformers attention) or "mha" (nn.MultiheadAttention)
+    # False where the base model's own output depends on autograd being needed: torch's
+    # MultiheadAttention takes a fused fast path only when no input requires grad (equal to ~1e-7).
+    bitwise: bool = True
 
 
 def _tensor(shape: tuple[int, ...], key: str = "x") -> Callable[[int], dict[str, torch.Tensor]]:
@@ -125,18 +174,43 @@ CASES = [
         ["query", "value", "attention.output.dense"],
         modules_to_save=["classifier"],
         linear_targets=["query", "value", "attention.output.dense"],
+        attention="hf",
     ),
-    Case("gpt2", tiny_gpt2, _ids, ["c_attn", "mlp.c_proj"], linear_targets=["c_attn", "mlp.c_proj"]),
+    Case("gpt2", tiny_gpt2, _ids, ["c_attn", "mlp.c_proj"], linear_targets=["c_attn", "mlp.c_proj"], attention="hf"),
     Case(
         "llama",
         tiny_llama,
         _ids,
         r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj|model\.embed_tokens",
         linear_targets=r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",  # k/v are 32 -> 16 (GQA)
+        attention="hf",
+    ),
+    Case(
+        "vit",
+        tiny_vit,
+        _pixels,
+        ["q_proj", "v_proj", "patch_embeddings.projection"],
+        modules_to_save=["classifier"],
+        linear_targets=["q_proj", "v_proj"],
+        attention="hf",
+    ),
+    Case("dinov2", tiny_dinov2, _pixels, ["q_proj", "o_proj"], linear_targets=["q_proj", "o_proj"], attention="hf"),
+    Case(
+        "mha",
+        MHANet,
+        _mha_inputs,
+        ["embed", "ff"],
+        modules_to_save=["head"],
+        linear_targets=["ff"],
+        attention="mha",
+        bitwise=False,
     ),
 ]
 
 
 def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
-    return out.logits if hasattr(out, "logits") else out
+    for field in ("logits", "last_hidden_state"):
+        if hasattr(out, field):
+            return getattr(out, field)
+    return out

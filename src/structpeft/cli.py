@@ -30,6 +30,11 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "probe": {"lr": 2e-2},  # frozen encoder, trainable head only: the baseline every method must beat
     **{f"surm-{s}": {"alpha": 1.0, "lr": 2e-2} for s in SURM_STRUCTURES},
     **{f"surm-{s}-adapter": {"alpha": 1.0, "lr": 2e-2, "targets": HOULSBY_TARGETS} for s in SURM_STRUCTURES},
+    # Coeff-Tuning: α (H x H) in every attention layer, dropout 0.2 on α (the paper's best).
+    "coeff": {"lr": 2e-2, "dropout": 0.2},  # the probe's head lr: only α differs from the probe
+    "coeff+lora": {"r": 8, "alpha": 16, "lr": 1e-3, "dropout": 0.2, "lr_by_name": {"coeff_alpha": 2e-2}},
+    # Kernel-mix at the authors' RoBERTa ranks (r_q, r_v, r_q_shared, r_v_shared) = (1, 2, 2, 4).
+    "kernel-mix": {"lr": 1e-3, "dropout": 0.1},
 }
 
 
@@ -39,6 +44,13 @@ def adapt(model: nn.Module, method: str, r: int, alpha: float, targets: list[str
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in HEAD)
         return model
+    if method == "kernel-mix":
+        return sp.get_peft_model(model, sp.KernelMixConfig(dropout=dropout, modules_to_save=HEAD))
+    if method.startswith("coeff"):
+        configs = [sp.CoeffConfig(dropout=dropout, modules_to_save=HEAD)]
+        if method == "coeff+lora":  # LoRA without dropout, as the plain LoRA runs
+            configs.append(sp.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+        return sp.get_peft_model(model, configs)
     common = {"alpha": alpha, "dropout": dropout, "target_modules": targets, "modules_to_save": HEAD}
     if method.startswith("surm-"):
         structure = method.removeprefix("surm-").removesuffix("-adapter")
@@ -66,13 +78,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     r = args.r or defaults.get("r", 0)
     alpha = args.alpha if args.alpha is not None else defaults.get("alpha", 0)
     lr = args.lr or defaults["lr"]
+    dropout = args.dropout if args.dropout is not None else defaults.get("dropout", 0.0)
     torch.manual_seed(args.seed)
     train_set, test_set = load_rotten_tomatoes()
     train_set = subsample(train_set, args.train_size, args.seed)
     test_set = subsample(test_set, args.test_size, seed=0)  # the same test subset for every run
     model, tokenizer = load_text_classifier(args.model)
     targets = args.targets.split(",") if args.targets else defaults.get("targets", DEFAULT_TARGETS)
-    model = adapt(model, args.method, r, alpha, targets, args.dropout)
+    model = adapt(model, args.method, r, alpha, targets, dropout)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out_dir = Path(args.output_dir or f"runs/{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     print(
@@ -84,7 +97,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if isinstance(model, sp.PeftModel):
             model.save_pretrained(out_dir / "adapter")
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed)
+    lr_by_name = {} if args.lr else defaults.get("lr_by_name", {})
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=args.seed, lr_by_name=lr_by_name)
     stats = train(model, tokenizer, train_set, cfg, on_epoch_end=save, progress=not args.quiet)
     accuracy = evaluate(model, tokenizer, test_set, progress=not args.quiet)
     row = {
@@ -96,6 +110,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "test_examples": len(test_set),
         "epochs": args.epochs,
         "lr": lr,
+        **({"lr_by_name": lr_by_name} if lr_by_name else {}),
         "trainable_params": trainable,
         "test_accuracy": accuracy,
         **stats,
@@ -135,7 +150,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--r", type=int, default=None, help="rank; for SURM ldr the generator count (method default if unset)"
     )
     ft.add_argument("--alpha", type=float, default=None)
-    ft.add_argument("--dropout", type=float, default=0.0)
+    ft.add_argument("--dropout", type=float, default=None, help="adapter dropout (Coeff-Tuning: on α)")
     ft.add_argument(
         "--targets",
         default=None,

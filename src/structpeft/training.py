@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_length: int = 64
     seed: int = 0
+    # Parameters whose name contains a key train at that learning rate instead (e.g. Coeff-Tuning's
+    # α beside LoRA's factors).
+    lr_by_name: dict[str, float] = field(default_factory=dict)
 
 
 def batches(
@@ -53,10 +56,16 @@ def train(
     progress: bool = True,
 ) -> dict[str, float]:
     """AdamW on the trainable parameters, linear warm-up then decay; returns time and last loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters: did get_peft_model target anything?")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in named:
+        lr = next((lr for key, lr in cfg.lr_by_name.items() if key in name), cfg.lr)
+        groups.setdefault(lr, []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(int(cfg.warmup_ratio * total), total))

@@ -43,7 +43,8 @@ def _attend(
     scores = (q @ key.transpose(-1, -2)).view(batch, heads, n, m) * scaling  # (B, H, N, M)
     if mask is not None:
         scores = scores + mask
-    maps = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, N, M)
+    # Softmax in at least float32 (bf16/fp16 models), as transformers' eager attention does.
+    maps = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(query.dtype)
     mixed = (mixing.to(maps.dtype) @ maps.view(batch, heads, n * m)).view(batch, heads, n, m)  # Â = C · A
     mixed = F.dropout(mixed, p=dropout_p, training=training)
     out = mixed.view(batch, kv_heads, group * n, m) @ value  # (B, Hkv, G·N, d)

@@ -166,6 +166,16 @@ class AdaptedLayer(AdapterHost):
         self.base_layer = base_layer
         self.geometry = layer_geometry(base_layer, name)
 
+    # Model code reads its layers' parameters directly (ViT's patch embedding checks
+    # ``projection.weight.dtype``): the wrapper answers with the base layer's.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled:
             if self.merged_adapters:

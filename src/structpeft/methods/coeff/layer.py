@@ -28,7 +28,7 @@ class CoeffDelta(AdapterDelta):
         self.chunk_size = config.chunk_size
         self.coeff_alpha = nn.Parameter(torch.zeros(heads, heads))
         if not config.init_weights:
-            nn.init.normal_(self.coeff_alpha, std=0.3)
+            nn.init.normal_(self.coeff_alpha, std=0.5)
 
     def mixing_delta(self) -> torch.Tensor:
         return F.dropout(self.coeff_alpha, p=self.dropout, training=self.training)  # (H, H)
