@@ -322,19 +322,20 @@ def reference_kernel_mix(block, anatomy, deltas, x_attn, x_out):
         q_h = lin(x_attn, w_q[rows], None if b_q is None else b_q[rows])
         q_h = q_h + x_attn @ q_delta.q.A[h].T @ q_delta.q.B[h].T + (0 if q_delta.q.c is None else q_delta.q.c[rows])
         q_heads.append(q_h)
-    q_out = torch.cat(q_heads, -1) + q_delta.q_shared(x_attn)
+    shared = lambda x, lora: x @ lora.A.T @ lora.B.T  # noqa: E731
+    q_out = torch.cat(q_heads, -1) + shared(x_attn, q_delta.q_shared)
     for g in range(kv_heads):
         rows = slice(g * d, (g + 1) * d)
         v_g = lin(x_attn, w_v[rows], None if b_v is None else b_v[rows])
         v_g = v_g + keys[..., rows] @ v_delta.v.A[g].T @ v_delta.v.B[g].T
         v_heads.append(v_g + (0 if v_delta.v.c is None else v_delta.v.c[rows]))
-    v_out = torch.cat(v_heads, -1) + v_delta.v_shared(x_attn)
+    v_out = torch.cat(v_heads, -1) + shared(x_attn, v_delta.v_shared)
     o_layer = unwrap(get(anatomy.output))
     o_delta = deltas[anatomy.output]
     per_head = [x_out[..., h * d : (h + 1) * d] @ o_delta.o.A[h].T for h in range(heads)]  # each (..., r_v)
     o_out = lin(x_out, o_layer.weight.T if anatomy.fused else o_layer.weight, o_layer.bias)
     o_out = o_out + torch.cat(per_head, -1) @ o_delta.o.B.T + (0 if o_delta.o.c is None else o_delta.o.c)
-    return q_out, v_out, o_out + o_delta.o_shared(x_out)
+    return q_out, v_out, o_out + shared(x_out, o_delta.o_shared)
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit", "dinov2"])

