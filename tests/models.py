@@ -61,6 +61,22 @@ def tiny_bert() -> nn.Module:
     return BertForSequenceClassification(cfg)
 
 
+def tiny_roberta() -> nn.Module:
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=2,
+        pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(cfg)
+
+
 def tiny_gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -24,6 +24,7 @@ from tests.models import (
     tiny_dinov2,
     tiny_gpt2,
     tiny_llama,
+    tiny_roberta,
     tiny_vit,
 )
 
@@ -63,6 +64,7 @@ def reference_eager(alphas: dict[int, torch.Tensor]):
 
 HF_MODELS = {
     "bert": (tiny_bert, _ids),
+    "roberta": (tiny_roberta, _ids),
     "gpt2": (tiny_gpt2, _ids),  # causal + padding masks
     "llama": (tiny_llama, _ids),  # causal, RoPE, 4 query heads over 2 key/value heads
     "vit": (tiny_vit, _pixels),
@@ -137,7 +139,7 @@ def test_coeff_zero_start_equals_the_unadapted_model(name: str, implementation: 
     assert base.config._attn_implementation == implementation
 
 
-TEXT_MODELS = ["bert", "gpt2", "llama"]
+TEXT_MODELS = ["bert", "roberta", "gpt2", "llama"]
 
 
 @pytest.mark.parametrize(("name", "padded"), [(n, True) for n in sorted(HF_MODELS)] + [(n, False) for n in TEXT_MODELS])
@@ -338,7 +340,7 @@ def reference_kernel_mix(block, anatomy, deltas, x_attn, x_out):
     return q_out, v_out, o_out + shared(x_out, o_delta.o_shared)
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "vit", "dinov2"])
+@pytest.mark.parametrize("name", ["bert", "roberta", "gpt2", "llama", "vit", "dinov2"])
 def test_kernel_mix_projections_match_per_head_reference(name: str) -> None:
     model = sp.get_peft_model(build(name), sp.KernelMixConfig(init_weights=False, dropout=0.0))
     block_path = model.peft_config["default"][0].find_targets(model.base_model, set())[0]

@@ -19,9 +19,9 @@ SURM = {
     "surm-ldr": {"structure": "ldr", "rank": 2},
     "surm-adapter": {"structure": "circulant", "mode": "adapter", "activation": "gelu"},
 }
-ATTENTION = ["coeff", "kernel-mix", "coeff+lora", "kernel-mix+coeff+surm"]
+ATTENTION = ["coeff", "kernel-mix", "coeff+lora", "coeff+flora", "kernel-mix+coeff+surm"]
 METHODS = ["lora", "flora", *SURM, *ATTENTION]
-MERGEABLE = [m for m in METHODS if m not in ("surm-adapter", "coeff", "coeff+lora", "kernel-mix+coeff+surm")]
+MERGEABLE = [m for m in METHODS if m != "surm-adapter" and "coeff" not in m]
 
 
 def make_config(method: str, case: Case, init_weights: bool, **overrides) -> sp.AdapterConfig | list:

