@@ -46,35 +46,28 @@ class EmbeddingNet(nn.Module):
         return self.out(self.emb(ids).mean(1))
 
 
+# A 2-layer, 4-head, 32-wide BERT-style encoder with a 2-class head.
+_ENCODER = dict(
+    vocab_size=100,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    max_position_embeddings=64,
+    num_labels=2,
+)
+
+
 def tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg)
+    return BertForSequenceClassification(BertConfig(**_ENCODER))
 
 
 def tiny_roberta() -> nn.Module:
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    cfg = RobertaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        num_labels=2,
-        pad_token_id=1,
-    )
-    return RobertaForSequenceClassification(cfg)
+    return RobertaForSequenceClassification(RobertaConfig(**_ENCODER, pad_token_id=1))
 
 
 def tiny_gpt2() -> nn.Module:
