@@ -56,8 +56,16 @@ def block_circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """c (q, p, b) holds each block's first column; x (..., p·b) -> (..., q·b). Every block
     product is a pointwise product of spectra, so the grid costs one FFT per input and output block."""
     q, p, b = c.shape
-    x_blocks = _fft_input(x).reshape(*x.shape[:-1], p, b)  # (..., p, b)
-    spectrum = torch.einsum("...pf,qpf->...qf", torch.fft.rfft(x_blocks), torch.fft.rfft(_fft_input(c)))
+    x_spectrum = torch.fft.rfft(_fft_input(x).reshape(*x.shape[:-1], p, b))  # (..., p, f)
+    c_spectrum = torch.fft.rfft(_fft_input(c))  # (q, p, f)
+    # A single row or column of blocks is a broadcast product (and a sum): 1.3-1.6x faster on CPU,
+    # forward + backward, than the complex einsum, which only a full grid needs.
+    if p == 1:
+        spectrum = x_spectrum * c_spectrum[:, 0]  # (..., 1, f) * (q, f) -> (..., q, f)
+    elif q == 1:
+        spectrum = (x_spectrum * c_spectrum[0]).sum(-2, keepdim=True)  # (..., 1, f)
+    else:
+        spectrum = torch.einsum("...pf,qpf->...qf", x_spectrum, c_spectrum)
     y = torch.fft.irfft(spectrum, n=b)  # (..., q, b)
     return y.reshape(*x.shape[:-1], q * b).to(x.dtype)
 

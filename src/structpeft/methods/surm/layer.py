@@ -195,7 +195,9 @@ class SurmDelta(AdapterDelta):
             h = self.surm.matmul(self.dropout(result.to(self.surm_bias.dtype)))  # (..., d_out)
             return result + (self.activation(self.alpha * h) + self.surm_bias).to(result.dtype)
         h = self.surm.matmul(self.dropout(x.to(torch.float32)))  # (..., d_out)
-        return result + (self.alpha * h).to(result.dtype)
+        if self.alpha != 1.0:  # the default 1 skips a full-size multiply and its backward
+            h = self.alpha * h
+        return result + h.to(result.dtype)
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         if self.adapter_mode:
