@@ -46,10 +46,7 @@ class HeadMixer(Protocol):
 
 def active_mixers(module: nn.Module) -> list[HeadMixer]:
     host = module_host(module)
-    if host is None or host.disabled:
-        return []
-    deltas = [d for a in host.active_adapters if a in host.adapters for d in host.adapters[a].values()]
-    return [d for d in deltas if isinstance(d, HeadMixer)]
+    return [] if host is None else [d for d in host.active_deltas() if isinstance(d, HeadMixer)]
 
 
 def head_mixing(mixers: list[HeadMixer], heads: int, module: nn.Module) -> torch.Tensor:
@@ -132,7 +129,8 @@ def _mixed_attention_forward(
     n, m = query.shape[2], key.shape[2]
     if attention_mask is None and replaced == "sdpa" and n > 1:
         # SDPA masks leave causality implicit (``is_causal``), top-left aligned as sdpa_attention_forward has it.
-        if kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        is_causal = kwargs.get("is_causal")
+        if is_causal if is_causal is not None else getattr(module, "is_causal", True):
             key, value = key[:, :, :n], value[:, :, :n]
             attention_mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
     elif attention_mask is not None and attention_mask.dim() == 4:

@@ -141,13 +141,11 @@ class AdapterHost(nn.Module):
 class ModuleAdapters(AdapterHost):
     """The deltas that act inside ``module``'s own forward; attached to it as :data:`HOST_ATTRIBUTE`."""
 
-    def active_deltas(self, method: str) -> list[AdapterDelta]:
-        """The ``method`` deltas of the active adapters, in activation order; none when disabled."""
+    def active_deltas(self) -> list[AdapterDelta]:
+        """The deltas of the active adapters, in activation order; none when disabled."""
         if self.disabled:
             return []
-        return [
-            self.adapters[a][method] for a in self.active_adapters if a in self.adapters and method in self.adapters[a]
-        ]
+        return [d for a in self.active_adapters if a in self.adapters for d in self.adapters[a].values()]
 
 
 HOST_ATTRIBUTE = "structpeft_adapters"
