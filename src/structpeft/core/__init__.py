@@ -2,7 +2,14 @@
 
 from structpeft.core.checkpoint import CheckpointError
 from structpeft.core.config import AdapterConfig, register_method
-from structpeft.core.layers import AdaptedLayer, AdapterDelta, LayerGeometry, layer_geometry
+from structpeft.core.layers import (
+    AdaptedLayer,
+    AdapterDelta,
+    LayerGeometry,
+    ModuleAdapters,
+    layer_geometry,
+    module_host,
+)
 from structpeft.core.model import PeftModel, get_peft_model
 
 __all__ = [
@@ -11,8 +18,10 @@ __all__ = [
     "AdapterDelta",
     "CheckpointError",
     "LayerGeometry",
+    "ModuleAdapters",
     "PeftModel",
     "get_peft_model",
     "layer_geometry",
+    "module_host",
     "register_method",
 ]
