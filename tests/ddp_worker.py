@@ -1,4 +1,5 @@
-"""Run by torchrun in tests: DDP-train a LoRA+FLoRA model on gloo; rank 0 saves the adapter."""
+"""Run by torchrun in tests: DDP-train LoRA + FLoRA + Coeff-Tuning (on nn.MultiheadAttention) on gloo;
+rank 0 saves the adapter."""
 
 import os
 import sys
@@ -8,18 +9,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import structpeft as sp
-from tests.models import MLP
+from tests.models import MHANet, _mha_inputs
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)  # same base and adapter init on every rank
-model = sp.get_peft_model(MLP(), [sp.LoraConfig(target_modules=["lin0"]), sp.FloraConfig(target_modules=["lin1"])])
+configs = [sp.LoraConfig(target_modules=["embed"]), sp.FloraConfig(target_modules=["ff"]), sp.CoeffConfig()]
+model = sp.get_peft_model(MHANet(), configs)
 ddp = DistributedDataParallel(model)
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-torch.manual_seed(100 + rank)  # different data per rank
-for _ in range(5):
-    x = torch.randn(8, 10)
-    ddp(x).pow(2).mean().backward()
+for step in range(5):
+    ddp(**_mha_inputs(100 * rank + step)).pow(2).mean().backward()
     opt.step()
     opt.zero_grad()
 flat = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
@@ -28,6 +28,8 @@ dist.all_gather(gathered, flat)
 if rank == 0:
     assert all(torch.equal(gathered[0], g) for g in gathered[1:]), "ranks diverged"
     assert flat.abs().sum() > 0
+    alphas = [p for n, p in model.named_parameters() if "coeff_alpha" in n]
+    assert alphas and all(a.abs().sum() > 0 for a in alphas), "Coeff-Tuning's α did not train"
     model.save_pretrained(sys.argv[1])
 dist.barrier()
 dist.destroy_process_group()

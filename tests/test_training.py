@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import structpeft as sp
-from tests.models import MLP, tiny_bert
+from tests.models import MHANet, _mha_inputs, tiny_bert
 
 
 def test_hf_trainer_trains_only_the_adapter(tmp_path) -> None:
@@ -56,7 +56,7 @@ def test_torchrun_ddp_keeps_ranks_in_sync_and_saves(tmp_path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout
     torch.manual_seed(0)
-    base = MLP()
+    base = MHANet().eval()
     loaded = sp.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    x = torch.randn(4, 10)
-    assert not torch.allclose(loaded(x), base(x))  # the trained adapter came back
+    x = _mha_inputs(7)
+    assert not torch.allclose(loaded(**x), base(**x))  # the trained adapter came back
