@@ -19,8 +19,11 @@ def test_hf_trainer_trains_only_the_adapter(tmp_path) -> None:
 
     torch.manual_seed(0)
     model = sp.get_peft_model(
-        tiny_bert(), sp.LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"])
+        tiny_bert(),
+        [sp.LoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"]), sp.KernelMixConfig()],
     )
+    model.add_adapter("coeff", sp.CoeffConfig())  # a second adapter, trained alongside
+    model.set_adapter(["default", "coeff"])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 100, (8,), generator=g), "labels": torch.tensor(i % 2)} for i in range(32)]
@@ -36,7 +39,8 @@ def test_hf_trainer_trains_only_the_adapter(tmp_path) -> None:
     )
     Trainer(model=model, args=args, train_dataset=data).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert any(".lora_B." in n for n in changed)  # B starts at zero, so it moved only if trained
+    for trained in (".lora_B.", "kernel_mix.q.B", "coeff_alpha"):  # all start at zero: moved only if trained
+        assert any(trained in n for n in changed), trained
     assert changed <= {n for n, p in model.named_parameters() if p.requires_grad}
 
 
