@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from structpeft.attention.hooks import is_attention_module, num_heads
-from structpeft.core.targets import get_submodule, named_modules, unwrapped
+from structpeft.core.layers import layer_geometry
+from structpeft.core.targets import get_submodule, matches, named_modules, unwrapped, within
 
 _ROLES = {
     "query": ("query", "q_proj"),
@@ -41,7 +42,7 @@ class AttentionAnatomy:
 
 
 def _find(leaves: list[str], role: str) -> list[str]:
-    return [p for p in leaves if any(p == s or p.endswith("." + s) for s in _ROLES[role])]
+    return [p for p in leaves if any(matches(p, s) for s in _ROLES[role])]
 
 
 def attention_anatomy(block: nn.Module, name: str = "") -> AttentionAnatomy:
@@ -65,9 +66,8 @@ def attention_anatomy(block: nn.Module, name: str = "") -> AttentionAnatomy:
     config = getattr(module, "config", None)
     kv_heads = getattr(module, "num_key_value_heads", None) or getattr(config, "num_key_value_heads", None) or heads
     q = found["fused"][0] if fused else found["query"][0]
-    q_out = unwrapped(get_submodule(block, q)).weight.shape
-    q_out = q_out[1] // 3 if fused else q_out[0]  # Conv1D stores (in, out)
-    head_dim = q_out // heads
+    q_out = layer_geometry(unwrapped(get_submodule(block, q))).out_features
+    head_dim = (q_out // 3 if fused else q_out) // heads
     if fused:
         return AttentionAnatomy(q, q, q, found["output"][0], heads, kv_heads, head_dim)
     return AttentionAnatomy(q, found["key"][0], found["value"][0], found["output"][0], heads, kv_heads, head_dim)
@@ -84,7 +84,7 @@ def attention_blocks(model: nn.Module, exclude: set[str] = frozenset()) -> list[
                 attention_anatomy(get_submodule(model, candidate), candidate)
             except ValueError:
                 continue
-            if not any(candidate == e or candidate.startswith(e + ".") for e in exclude):
+            if not within(candidate, exclude):
                 blocks.append(candidate)
             break
     return blocks

@@ -64,10 +64,17 @@ class AdapterConfig:
         raise NotImplementedError
 
     # -- what a method may override ---------------------------------------------------------
+    def default_targets(self, model: nn.Module, exclude: set[str]) -> list[str] | None:
+        """What ``target_modules=None`` adapts (not within ``exclude``); None: the method has no
+        default and ``target_modules`` is required."""
+        return None
+
     def find_targets(self, model: nn.Module, exclude: set[str]) -> list[str]:
-        """Paths of the modules this config adapts (default: ``target_modules`` resolved)."""
+        """Paths of the modules this config adapts: ``target_modules`` resolved, or the default."""
         from structpeft.core.targets import resolve_targets
 
+        if self.target_modules is None and (defaults := self.default_targets(model, exclude)) is not None:
+            return defaults
         if not self.target_modules and self.modules_to_save:
             return []  # a config may only keep heads trainable
         return resolve_targets(model, self.target_modules, exclude=exclude)

@@ -43,11 +43,13 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (HFConv1D is not None and isinstance(module, HFConv1D))
 
 
-def _matches(name: str, entry: str) -> bool:
+def matches(name: str, entry: str) -> bool:
+    """``name`` is ``entry`` or ends with it as a dotted suffix."""
     return name == entry or name.endswith("." + entry)
 
 
-def _within(name: str, parents: set[str]) -> bool:
+def within(name: str, parents: set[str]) -> bool:
+    """``name`` is one of ``parents`` or lies inside one."""
     return any(name == p or name.startswith(p + ".") for p in parents)
 
 
@@ -68,7 +70,7 @@ def resolve_targets(
     Every list entry must match something; a miss is an error that names the entry and the
     closest module names, since a silent partial match trains less than the user asked for.
     """
-    modules = [(n, m) for n, m in named_modules(model) if n and not _within(n, exclude)]
+    modules = [(n, m) for n, m in named_modules(model) if n and not within(n, exclude)]
     if target_modules is None:
         raise ValueError("target_modules is required for this method (e.g. ['query', 'value'] or 'all-linear')")
     if isinstance(target_modules, str):
@@ -87,7 +89,7 @@ def resolve_targets(
         return names
 
     entries = list(target_modules)
-    missing = [e for e in entries if not any(_matches(n, e) for n, _ in modules)]
+    missing = [e for e in entries if not any(matches(n, e) for n, _ in modules)]
     if missing:
         candidates = {n for n, _ in modules} | {n.rsplit(".", 1)[-1] for n, _ in modules}
         hints = []
@@ -95,7 +97,7 @@ def resolve_targets(
             close = difflib.get_close_matches(e, candidates, n=3, cutoff=0.5)
             hints.append(f"{e!r} (closest: {', '.join(close) if close else 'none'})")
         raise ValueError(f"{what} entries matched no module: {'; '.join(hints)}")
-    return [n for n, _ in modules if any(_matches(n, e) for e in entries)]
+    return [n for n, _ in modules if any(matches(n, e) for e in entries)]
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:

@@ -34,16 +34,12 @@ class CoeffConfig(AdapterConfig):
         if self.chunk_size is not None and self.chunk_size <= 0:
             raise ValueError(f"chunk_size must be a positive number of queries or None, got {self.chunk_size}")
 
-    def find_targets(self, model: nn.Module, exclude: set[str]) -> list[str]:
+    def default_targets(self, model: nn.Module, exclude: set[str]) -> list[str]:
         from structpeft.attention import is_attention_module
-        from structpeft.core.targets import named_modules, unwrapped
+        from structpeft.core.targets import named_modules, unwrapped, within
 
-        if self.target_modules is not None:
-            return super().find_targets(model, exclude)
         names = [
-            n
-            for n, m in named_modules(model)
-            if n and is_attention_module(unwrapped(m)) and not any(n == e or n.startswith(e + ".") for e in exclude)
+            n for n, m in named_modules(model) if n and is_attention_module(unwrapped(m)) and not within(n, exclude)
         ]
         if not names:
             raise ValueError(

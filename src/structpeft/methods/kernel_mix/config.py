@@ -46,11 +46,9 @@ class KernelMixConfig(AdapterConfig):
         if any(r < 0 for r in ranks.values()) or self.r_q + self.r_q_shared + self.r_v + self.r_v_shared == 0:
             raise ValueError(f"Kernel-mix ranks must be >= 0 and not all 0, got {ranks}")
 
-    def find_targets(self, model: nn.Module, exclude: set[str]) -> list[str]:
+    def default_targets(self, model: nn.Module, exclude: set[str]) -> list[str]:
         from structpeft.attention import attention_blocks
 
-        if self.target_modules is not None:
-            return super().find_targets(model, exclude)
         blocks = attention_blocks(model, exclude)
         if not blocks:
             raise ValueError(
