@@ -141,12 +141,13 @@ class PeftModel(nn.Module):
         """Put a planned adapter into the model (the step that cannot fail on user input)."""
         for name, deltas in plan.items():
             inside = {m: d for m, d in deltas.items() if d.acts_inside}
-            if len(inside) < len(deltas):
+            outside = {m: d for m, d in deltas.items() if not d.acts_inside}
+            if outside:
                 layer = get_submodule(self.base_model, name)
                 if not isinstance(layer, AdaptedLayer):
                     layer = AdaptedLayer(layer, name)
                     set_submodule(self.base_model, name, layer)
-                layer.adapters[adapter_name] = nn.ModuleDict({m: d for m, d in deltas.items() if not d.acts_inside})
+                layer.adapters[adapter_name] = nn.ModuleDict(outside)
                 layer.train(layer.base_layer.training)  # new deltas follow the model's train/eval mode
             if inside:
                 module = get_submodule(self.base_model, name)
@@ -251,11 +252,12 @@ class PeftModel(nn.Module):
                 found[name] = methods
         return found
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, keep_unmergeable: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, keep_unmergeable: bool = False) -> set[str]:
         """Fold adapters (default: the active ones) into the base weights; all or nothing.
 
         Modules carrying a delta that cannot merge (Coeff-Tuning, SURM adapters) make this an
         error, unless ``keep_unmergeable``: then those modules are left as they are and still act.
+        Returns the paths of the modules so kept.
         """
         names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
         self._check_exists(names)
@@ -278,6 +280,7 @@ class PeftModel(nn.Module):
             for host, a in reversed(merged):  # all or nothing, also when a merge fails midway
                 host.unmerge(a)
             raise
+        return set(kept)
 
     def unmerge_adapter(self) -> None:
         for _, host in self.adapter_hosts():
@@ -289,9 +292,7 @@ class PeftModel(nn.Module):
         With ``keep_unmergeable=True`` the modules whose deltas cannot merge keep them (and keep
         acting); every other module is merged and unwrapped.
         """
-        kept = set(self._unmergeable(list(self.active_adapters))) if keep_unmergeable else set()
-        self.merge_adapter(keep_unmergeable=keep_unmergeable)
-        return self.unload(keep=kept)
+        return self.unload(keep=self.merge_adapter(keep_unmergeable=keep_unmergeable))
 
     def unload(self, keep: set[str] = frozenset()) -> nn.Module:
         """Return the base model with every wrapper removed (unmerged deltas are dropped), but for

@@ -136,10 +136,13 @@ def _low_rank(x: torch.Tensor, dropped: torch.Tensor, factors: list[Factors], bi
     return F.linear(torch.cat(u, -1) if len(u) > 1 else u[0], torch.cat(ups, 1), bias)  # (..., d_out)
 
 
-def _merged(factors: list[Factors], bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    weight = sum(f.up @ f.down for f in factors)
+def _merged_weight(factors: list[Factors]) -> torch.Tensor:
+    return sum(f.up @ f.down for f in factors)
+
+
+def _merged_bias(factors: list[Factors], bias: torch.Tensor | None) -> torch.Tensor | None:
     biases = [f.up @ f.down_bias for f in factors if f.down_bias is not None] + ([bias] if bias is not None else [])
-    return weight, (sum(biases) if biases else None)
+    return sum(biases) if biases else None
 
 
 class _KernelMixDelta(AdapterDelta):
@@ -170,10 +173,10 @@ class _KernelMixDelta(AdapterDelta):
         return result + self.delta(x.to(torch.float32), base_layer).to(result.dtype)
 
     def delta_weight(self, base_layer):
-        return _merged(self.factors(base_layer), self.bias())[0]
+        return _merged_weight(self.factors(base_layer))
 
     def delta_bias(self, base_layer):
-        return _merged(self.factors(base_layer), self.bias())[1]
+        return _merged_bias(self.factors(base_layer), self.bias())
 
 
 class KernelMixQuery(_KernelMixDelta):
@@ -279,10 +282,10 @@ class KernelMixFused(AdapterDelta):
         return result + _low_rank(x, self.dropout(x), *self._factors()).to(result.dtype)
 
     def delta_weight(self, base_layer):
-        return _merged(*self._factors())[0]
+        return _merged_weight(self._factors()[0])
 
     def delta_bias(self, base_layer):
-        return _merged(*self._factors())[1]
+        return _merged_bias(*self._factors())
 
 
 def kernel_mix_deltas(block: nn.Module, name: str, config: KernelMixConfig) -> dict[str, AdapterDelta]:
