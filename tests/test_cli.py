@@ -67,3 +67,14 @@ def test_a_config_error_is_a_message_not_a_traceback(capsys, monkeypatch) -> Non
     code = main(["finetune", "--method", "lora", "--targets", "qery", "--train-size", "8", "--test-size", "8"])
     err = capsys.readouterr().err
     assert code == 2 and "structpeft finetune: error: target_modules entries matched no module: 'qery'" in err
+
+
+@pytest.mark.parametrize("method,layer_0", [("coeff", "layer.0.attention.self"), ("kernel-mix", "layer.0.attention")])
+def test_attention_methods_take_every_layer_unless_targets_name_some(method, layer_0) -> None:
+    from structpeft.cli import METHOD_DEFAULTS, adapt
+    from tests.models import tiny_bert
+
+    everywhere = adapt(tiny_bert(), method, r=0, alpha=0.0, targets=METHOD_DEFAULTS[method]["targets"], dropout=0.0)
+    one = adapt(tiny_bert(), method, r=0, alpha=0.0, targets=[layer_0], dropout=0.0)
+    hosts = lambda m: {n.split(".")[3] for n, _ in m.adapter_hosts()}  # noqa: E731  (layer indices)
+    assert hosts(everywhere) == {"0", "1"} and hosts(one) == {"0"}

@@ -31,25 +31,29 @@ METHOD_DEFAULTS: dict[str, dict] = {
     **{f"surm-{s}": {"alpha": 1.0, "lr": 2e-2} for s in SURM_STRUCTURES},
     **{f"surm-{s}-adapter": {"alpha": 1.0, "lr": 2e-2, "targets": HOULSBY_TARGETS} for s in SURM_STRUCTURES},
     # Coeff-Tuning: α (H x H) in every attention layer, dropout 0.2 on α (the paper's best).
-    "coeff": {"lr": 2e-2, "dropout": 0.2},  # the probe's head lr: only α differs from the probe
+    # targets None: every attention layer (Coeff) or block (Kernel-mix); --targets names them instead.
+    "coeff": {"lr": 2e-2, "dropout": 0.2, "targets": None},  # the probe's head lr: only α differs from the probe
     "coeff+lora": {"r": 8, "alpha": 16, "lr": 1e-3, "dropout": 0.2, "lr_by_name": {"coeff_alpha": 2e-2}},
     # Kernel-mix at the authors' RoBERTa ranks (r_q, r_v, r_q_shared, r_v_shared) = (1, 2, 2, 4).
-    "kernel-mix": {"lr": 1e-3, "dropout": 0.1},
+    "kernel-mix": {"lr": 1e-3, "dropout": 0.1, "targets": None},
 }
 
 
-def adapt(model: nn.Module, method: str, r: int, alpha: float, targets: list[str], dropout: float) -> nn.Module:
+def adapt(model: nn.Module, method: str, r: int, alpha: float, targets: list[str] | None, dropout: float) -> nn.Module:
     """``model`` ready to train with ``method``: a PeftModel, or for "probe" the model with only its head trainable."""
     if method == "probe":
         for name, p in model.named_parameters():
             p.requires_grad_(name.split(".")[0] in HEAD)
         return model
     if method == "kernel-mix":
-        return sp.get_peft_model(model, sp.KernelMixConfig(dropout=dropout, modules_to_save=HEAD))
-    if method.startswith("coeff"):
+        return sp.get_peft_model(
+            model, sp.KernelMixConfig(dropout=dropout, target_modules=targets, modules_to_save=HEAD)
+        )
+    if method == "coeff":
+        return sp.get_peft_model(model, sp.CoeffConfig(dropout=dropout, target_modules=targets, modules_to_save=HEAD))
+    if method == "coeff+lora":  # Coeff-Tuning on every attention layer, LoRA on the targets
         configs = [sp.CoeffConfig(dropout=dropout, modules_to_save=HEAD)]
-        if method == "coeff+lora":  # LoRA without dropout, as the plain LoRA runs
-            configs.append(sp.LoraConfig(r=r, alpha=alpha, target_modules=targets))
+        configs.append(sp.LoraConfig(r=r, alpha=alpha, target_modules=targets))  # no dropout, as plain LoRA
         return sp.get_peft_model(model, configs)
     common = {"alpha": alpha, "dropout": dropout, "target_modules": targets, "modules_to_save": HEAD}
     if method.startswith("surm-"):
@@ -155,7 +159,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--targets",
         default=None,
         help=f"comma-separated target module names (default {','.join(DEFAULT_TARGETS)}; "
-        f"SURM adapters {','.join(HOULSBY_TARGETS)})",
+        f"SURM adapters {','.join(HOULSBY_TARGETS)}; coeff and kernel-mix every attention layer)",
     )
     ft.add_argument("--epochs", type=int, default=1)
     ft.add_argument("--lr", type=float, default=None)
