@@ -1,7 +1,7 @@
 """Method-agnostic machinery: configs, injection, the wrapper model, checkpoint I/O."""
 
 from structpeft.core.checkpoint import CheckpointError
-from structpeft.core.config import AdapterConfig, register_method
+from structpeft.core.config import AdapterConfig, register_method, registered_methods
 from structpeft.core.layers import (
     AdaptedLayer,
     AdapterDelta,
@@ -24,4 +24,5 @@ __all__ = [
     "layer_geometry",
     "module_host",
     "register_method",
+    "registered_methods",
 ]

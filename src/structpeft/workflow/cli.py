@@ -1,0 +1,159 @@
+"""``structpeft``: fine-tune, evaluate, size and compare PEFT methods on any model and data.
+
+  structpeft finetune                                   # MiniLM + LoRA on Rotten Tomatoes (offline defaults)
+  structpeft finetune --model dinov2_small --task fashion-mnist --method coeff+lora --set r=16
+  structpeft finetune --model ./my-model --task reviews.csv --method flora --epochs 3 --out runs/flora
+  structpeft evaluate --adapter runs/flora --split test
+  structpeft budget --model minilm --method lora --params 100000
+  structpeft report runs/results.jsonl --plot runs/results.png
+  structpeft generate --adapter runs/my-lm --prompt "Once upon a time"
+
+Argument parsing only; what each command does is in structpeft.workflow.run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from structpeft.workflow import recipes
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _finetune_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm", help="a preset (minilm, mobilenet_v2, efficientnet_lite0, "
+                   "dinov2_small), a local HF model folder, or a hub id")  # fmt: skip
+    p.add_argument("--task", default="rotten-tomatoes", help="a preset (rotten-tomatoes, fashion-mnist, mnist-5k), "
+                   "a CSV / JSONL / Parquet file, an image folder, or a save_to_disk folder")  # fmt: skip
+    p.add_argument("--method", default="lora", help=f"one of {', '.join(recipes.method_names())}, or several "
+                   "joined by '+' (coeff+lora); surm-<structure>[-adapter]: surm with those set")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config field of the method (r=16, structure=toeplitz, lora.dropout=0.1, coeff.lr=0.02)",
+    )
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the first method and the head "
+        "(default: the method's for this model family; other methods keep theirs unless --set M.lr=)",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text (longer ones are cut)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels per side (default: the model's)")
+    p.add_argument("--val-size", type=float, default=0.1, help="validation carved from train: a fraction or a count")
+    p.add_argument("--train-size", type=int, default=None, help="train on a seeded random N of the train split")
+    p.add_argument("--test-size", type=int, default=None, help="score a fixed random N of the test split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--task-type", default=None, help="text-classification, image-classification or causal-lm "
+                   "(default: from the data)")  # fmt: skip
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<model>-<task>-<method>-<time>)")
+    p.add_argument("--results", default="runs/results.jsonl", help="every finished run appends a row here")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="structpeft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _finetune_flags(sub.add_parser("finetune", help="fine-tune a model on a task with a method"))
+    ev = sub.add_parser("evaluate", help="score a run's adapter on its task (or another)")
+    ev.add_argument("--adapter", required=True, help="a run folder written by finetune")
+    ev.add_argument("--task", default=None, help="another task with the same labels (default: the run's)")
+    ev.add_argument("--split", choices=("test", "val", "train"), default="test")
+    ev.add_argument("--device", default=None)
+    bu = sub.add_parser("budget", help="the size setting that gives N trainable adapter parameters")
+    bu.add_argument("--model", default="minilm")
+    bu.add_argument("--method", required=True)
+    bu.add_argument("--params", type=int, required=True)
+    bu.add_argument("--task", default=None, help="sets the head's classes (default: the model's preset task)")
+    bu.add_argument("--set", dest="settings", action="append", type=_key_value, default=[], metavar="KEY=VALUE")
+    rp = sub.add_parser("report", help="table and plot of runs")
+    rp.add_argument("sources", nargs="*", default=["runs/results.jsonl"], help="results files or run folders")
+    rp.add_argument("--plot", default=None, help="write the accuracy-vs-parameters plot here (PNG)")
+    ge = sub.add_parser("generate", help="complete a prompt with a causal-LM run's adapter")
+    ge.add_argument("--adapter", required=True)
+    ge.add_argument("--prompt", required=True)
+    ge.add_argument("--max-new-tokens", type=int, default=64)
+    ge.add_argument("--device", default=None)
+    return parser
+
+
+PRESET_TASK = {"minilm": "rotten-tomatoes"}  # budget's default task per model preset; vision: fashion-mnist
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    from structpeft.workflow import results, run
+
+    if args.command == "finetune":
+        spec = run.RunSpec(**{k: v for k, v in vars(args).items() if k not in ("command", "quiet")})
+        spec.settings = dict(args.settings)
+        spec.progress = "none" if args.quiet else "auto"
+        run.finetune(spec, command=["structpeft", *argv])
+    elif args.command == "evaluate":
+        run.evaluate_run(Path(args.adapter), args.task, args.split, args.device)
+    elif args.command == "generate":
+        if args.max_new_tokens < 1:
+            raise run.UsageError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+        print(run.generate(Path(args.adapter), args.prompt, args.max_new_tokens, args.device))
+    elif args.command == "budget":
+        if args.params < 1:
+            raise run.UsageError(f"--params must be a positive integer, got {args.params}")
+        task = args.task or PRESET_TASK.get(args.model, "fashion-mnist")
+        run.budget(args.model, args.method, args.params, task, dict(args.settings))
+    elif args.command == "report":
+        rows = results.load_results([Path(s) for s in args.sources])
+        if not rows:
+            raise run.UsageError(f"no runs in {', '.join(args.sources)}: run structpeft finetune first")
+        results.print_table(rows)
+        if args.plot:
+            results.plot_metric_vs_params(rows, Path(args.plot))
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input (one line, before any work); 1 a failure during the work,
+    after the run folder got what there was."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = make_parser().parse_args(argv)
+    from structpeft.workflow.run import RunFailed
+
+    try:
+        return _dispatch(args, argv)
+    except RunFailed as e:
+        print(f"structpeft {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, TypeError) as e:  # bad input: flags, data, model, method, checkpoint
+        print(f"structpeft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"structpeft {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

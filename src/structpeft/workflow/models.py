@@ -1,0 +1,219 @@
+"""Models for a task: offline presets, local HF folders and hub ids, each with its new head found.
+
+The head (the module a classification task trains from scratch, kept whole as ``modules_to_save``)
+comes from the model: for transformers models it is what ``from_pretrained`` reports as newly
+initialised; for the plain-torch presets the preset names it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from structpeft.workflow.tasks import Task
+
+FAMILIES = ("text-encoder", "convnet", "vit", "decoder")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded for the task: the message names it and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    ref: str
+    family: str  # one of FAMILIES: picks the recipes' defaults
+    head: list[str] = field(default_factory=list)  # module names trained whole (a new classifier)
+    tokenizer: Any = None
+    image_size: int | None = None
+    image_mean: tuple[float, ...] = IMAGENET_MEAN
+    image_std: tuple[float, ...] = IMAGENET_STD
+    keyword_inputs: bool = True  # transformers models: model(**batch).logits; plain torch: model(pixels)
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``model`` (this model, possibly wrapped) on a batch, to logits."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return model(**inputs).logits if self.keyword_inputs else model(inputs["pixel_values"])
+
+
+@dataclass(frozen=True)
+class Preset:
+    kind: str  # the task kind it serves
+    load: Callable[[Task], LoadedModel]
+    about: str
+
+
+def _minilm(task: Task) -> LoadedModel:
+    from structpeft.zoo.assets import MINILM, offline_hub
+
+    offline_hub()
+    loaded = _transformers_model(str(MINILM.path()), task)
+    loaded.ref = "minilm"
+    return loaded
+
+
+def _torch_convnet(ref: str, load: Callable[[int], nn.Module], head: str) -> Callable[[Task], LoadedModel]:
+    def build(task: Task) -> LoadedModel:
+        return LoadedModel(load(task.num_labels), ref, "convnet", [head], image_size=112, keyword_inputs=False)
+
+    return build
+
+
+def _mobilenet_v2(num_classes: int) -> nn.Module:
+    from structpeft.zoo.mobilenet_v2 import load_mobilenet_v2
+
+    return load_mobilenet_v2(num_classes)
+
+
+def _efficientnet_lite0(num_classes: int) -> nn.Module:
+    from structpeft.zoo.efficientnet_lite import load_efficientnet_lite0
+
+    return load_efficientnet_lite0(num_classes)
+
+
+def _dinov2_small(task: Task) -> LoadedModel:
+    """The DINOv2-S/14 backbone under transformers' image-classification head (class token and
+    mean patch token, concatenated, into a new linear layer)."""
+    from transformers import Dinov2ForImageClassification
+
+    from structpeft.zoo.dinov2 import load_dinov2_small
+
+    backbone = load_dinov2_small(image_size=112)
+    config = backbone.config
+    config.num_labels = task.num_labels
+    config.id2label = dict(enumerate(task.label_names or []))
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    model = Dinov2ForImageClassification(config)
+    model.dinov2.load_state_dict(backbone.state_dict())
+    return LoadedModel(model, "dinov2_small", "vit", ["classifier"], image_size=112)
+
+
+PRESETS: dict[str, Preset] = {
+    "minilm": Preset("text-classification", _minilm, "all-MiniLM-L6-v2, a 6-layer BERT (22.7M)"),
+    "mobilenet_v2": Preset(
+        "image-classification", _torch_convnet("mobilenet_v2", _mobilenet_v2, "classifier.1"), "MobileNetV2 (3.5M)"
+    ),
+    "efficientnet_lite0": Preset(
+        "image-classification", _torch_convnet("efficientnet_lite0", _efficientnet_lite0, "_fc"), "EfficientNet-Lite0"
+    ),
+    "dinov2_small": Preset("image-classification", _dinov2_small, "DINOv2-S/14 ViT (22.1M, 6 heads)"),
+}
+
+
+def check_model_ref(ref: str) -> None:
+    """Fail fast (before any data or weights load) on a model that names nothing loadable."""
+    if ref in PRESETS:
+        return
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{ref}: a model folder needs a config.json (a folder saved with save_pretrained)")
+        return
+    if path.exists():
+        raise ModelError(f"{ref}: a model is a preset, a folder or a hub id, not a file")
+    if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
+        raise ModelError(f"unknown model {ref!r}: not a preset ({', '.join(PRESETS)}) and no such folder")
+
+
+def load_model(ref: str, task: Task) -> LoadedModel:
+    """``ref`` (a preset, a local HF folder or a hub id) ready for ``task``, with a new head."""
+    check_model_ref(ref)
+    if ref in PRESETS:
+        preset = PRESETS[ref]
+        if preset.kind != task.kind:
+            raise ModelError(f"the preset {ref} is for {preset.kind}, and {task.name} is a {task.kind} task")
+        return preset.load(task)
+    return _transformers_model(ref, task)
+
+
+def _family(config: Any, kind: str) -> str:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if kind == "image-classification":
+        return "vit" if hasattr(config, "num_attention_heads") else "convnet"
+    if (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    ):
+        return "decoder"
+    return "text-encoder"
+
+
+def _transformers_model(ref: str, task: Task) -> LoadedModel:
+    import transformers
+    from transformers.utils import logging
+
+    auto = {
+        "text-classification": transformers.AutoModelForSequenceClassification,
+        "image-classification": transformers.AutoModelForImageClassification,
+        "causal-lm": transformers.AutoModelForCausalLM,
+    }[task.kind]
+    kwargs: dict[str, Any] = {}
+    if task.kind != "causal-lm":
+        id2label = dict(enumerate(task.label_names or []))
+        kwargs = {
+            "num_labels": task.num_labels,
+            "id2label": id2label,
+            "label2id": {v: k for k, v in id2label.items()},
+            "ignore_mismatched_sizes": True,  # a fine-tuned checkpoint with other classes gets a new head
+        }
+    logging.set_verbosity_error()  # "some weights are newly initialised" is expected: the head is new
+    try:
+        model, info = auto.from_pretrained(ref, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"cannot load {ref!r} for {task.kind}: {str(e).splitlines()[0]}") from e
+    finally:
+        logging.set_verbosity_warning()
+    model.float()
+    loaded = LoadedModel(model, ref, _family(model.config, task.kind))
+    if task.kind != "causal-lm":
+        loaded.head = find_head(model, info, task.num_labels)
+    if task.kind == "image-classification":
+        _image_settings(loaded, ref)
+    else:
+        loaded.tokenizer = transformers.AutoTokenizer.from_pretrained(ref)
+        if loaded.tokenizer.pad_token is None:  # decoders often have none; padding is masked anyway
+            loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
+        model.config.pad_token_id = loaded.tokenizer.pad_token_id
+    return loaded
+
+
+def find_head(model: nn.Module, loading_info: dict[str, list], num_labels: int) -> list[str]:
+    """The modules holding the weights ``from_pretrained`` initialised anew (the classifier); for a
+    checkpoint whose head fits already, the last linear layer with ``num_labels`` outputs."""
+    new = [k for k in loading_info.get("missing_keys", []) if k.endswith((".weight", ".bias"))]
+    new += [k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys", [])]
+    heads = sorted({k.rsplit(".", 1)[0] for k in new})
+    if heads:
+        return heads
+    fitting = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_labels]
+    if not fitting:
+        raise ModelError(f"{type(model).__name__}: no classification head with {num_labels} outputs found")
+    return fitting[-1:]
+
+
+def _image_settings(loaded: LoadedModel, ref: str) -> None:
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(ref)
+    except (OSError, ValueError):
+        processor = None  # no preprocessor_config.json: ImageNet statistics, the config's image size
+    size = getattr(processor, "size", None) or {}
+    loaded.image_size = (
+        size.get("height") or size.get("shortest_edge") or getattr(loaded.model.config, "image_size", 224)
+    )
+    loaded.image_mean = tuple(getattr(processor, "image_mean", None) or IMAGENET_MEAN)
+    loaded.image_std = tuple(getattr(processor, "image_std", None) or IMAGENET_STD)

@@ -1,0 +1,175 @@
+"""A run's files (metrics.json, curves.png), the results store (one JSON line per run) and the
+report over it: a table and an accuracy-vs-parameters plot, grouped by model and task."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+RUN_FILE, METRICS_FILE, CURVES_FILE = "run.json", "metrics.json", "curves.png"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_result(store: Path, row: dict[str, Any]) -> None:
+    """One line per run, appended and fsynced; a torn last line is skipped (with a warning) by the reader."""
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with open(store, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_results(sources: list[Path]) -> list[dict[str, Any]]:
+    """Rows from results files (JSON lines) and run folders (their metrics.json); a line that is not
+    a JSON object is skipped with a warning naming the file and line."""
+    rows: list[dict[str, Any]] = []
+    for source in sources:
+        if source.is_dir():
+            files = [source / METRICS_FILE] if (source / METRICS_FILE).is_file() else sorted(source.rglob(METRICS_FILE))
+            for file in files:
+                try:
+                    rows.append(json.loads(file.read_text(encoding="utf-8")))
+                except json.JSONDecodeError as e:
+                    print(f"warning: {file}: not valid JSON ({e.msg}); skipped", file=sys.stderr)
+            continue
+        if not source.is_file():
+            raise FileNotFoundError(f"{source}: no such results file or run folder")
+        for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                print(f"warning: {source}:{number}: not a complete JSON row (torn write?); skipped", file=sys.stderr)
+                continue
+            rows.append(row)
+    return rows
+
+
+def headline(row: dict[str, Any]) -> tuple[str, float | None]:
+    """The metric a row is ranked by: test accuracy (%), else test perplexity."""
+    test = row.get("test") or {}
+    if "accuracy" in test:
+        return "accuracy %", 100 * test["accuracy"]
+    if "perplexity" in test:
+        return "perplexity", test["perplexity"]
+    return "-", None
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setting (model, task, method, size, lr): the headline metric's mean and std over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("status", "finished") != "finished":
+            continue
+        key = (row.get("model"), row.get("task"), row.get("method"), row.get("train_examples"), row.get("lr"))
+        groups[key].append(row)
+    out = []
+    for (model, task, method, n_train, lr), runs in groups.items():
+        metric, _ = headline(runs[0])
+        values = [v for v in (headline(r)[1] for r in runs) if v is not None]
+        out.append(
+            {
+                "model": model, "task": task, "method": method, "train": n_train, "lr": lr, "runs": len(runs),
+                "metric": metric, "mean": statistics.mean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "params": runs[0].get("trainable_params"),
+                "step_ms": statistics.mean(r.get("step_time_ms") or 0 for r in runs),
+            }
+        )  # fmt: skip
+    return sorted(out, key=lambda s: (str(s["model"]), str(s["task"]), -(s["mean"] or 0)))
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="structpeft runs (test metric, mean ± std over seeds)")
+    for col in ("model", "task", "method", "train", "lr", "runs", "metric", "trainable", "step ms"):
+        table.add_column(col, justify="left" if col in ("model", "task", "method", "metric") else "right")
+    for s in summarise(rows):
+        value = "-" if s["mean"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
+        table.add_row(
+            str(s["model"]), str(s["task"]), str(s["method"]), str(s["train"]), f"{s['lr']:g}" if s["lr"] else "-",
+            str(s["runs"]), f"{s['metric']} {value}", f"{s['params']:,}" if s["params"] else "-", f"{s['step_ms']:.0f}",
+        )  # fmt: skip
+    Console().print(table)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_vs_params(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per (model, task): the headline metric against trainable parameters (log scale)."""
+    plt = _pyplot()
+    summary = [s for s in summarise(rows) if s["mean"] is not None and s["params"]]
+    panels = sorted({(str(s["model"]), str(s["task"])) for s in summary})
+    if not panels:
+        raise ValueError("no finished run with a test metric to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (model, task) in zip(axes[0], panels):
+        for s in (s for s in summary if (str(s["model"]), str(s["task"])) == (model, task)):
+            ax.errorbar(s["params"], s["mean"], yerr=s["std"], fmt="o", capsize=3)
+            ax.annotate(
+                str(s["method"]), (s["params"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
+            ax.set_ylabel(s["metric"])
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_title(f"{model} on {task}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(losses: list[tuple[int, float]], history: list[dict[str, Any]], path: Path) -> None:
+    """Train loss per step and the validation metric per epoch, against optimizer steps."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if losses:
+        steps, values = zip(*losses)
+        left.plot(steps, values, lw=0.8, alpha=0.5, label="per step")
+        window = max(1, len(values) // 25)
+        smooth = [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        left.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+        left.legend()
+    left.set(xlabel="optimizer step", ylabel="train loss", title="training loss")
+    metric = "val_accuracy" if history and "val_accuracy" in history[0] else "val_loss"
+    right.plot([h["step"] for h in history], [h[metric] for h in history], "o-")
+    right.set(xlabel="optimizer step", ylabel=metric.replace("_", " "), title="validation, each epoch")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,315 @@
+"""What the commands do: ``finetune``, ``evaluate``, ``generate`` and ``budget`` on a run spec.
+
+Everything a user can get wrong is checked by :func:`check_spec` before any data or model loads.
+A run's folder holds ``run.json`` (the spec, written first), the adapter in HF PEFT's layout
+(``adapter_config.json`` + ``adapter_model.safetensors``; baselines: ``trainable.safetensors``),
+``metrics.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import structpeft as sp
+from structpeft.workflow import recipes, results
+from structpeft.workflow.models import LoadedModel, check_model_ref, load_model
+from structpeft.workflow.tasks import TASK_TYPES, Task, check_task_ref, load_task
+from structpeft.workflow.train import (
+    RunLog,
+    TrainSettings,
+    bar_mode,
+    evaluate,
+    fit,
+    peak_memory_mib,
+    resolve_device,
+)
+
+BASELINE_WEIGHTS = "trainable.safetensors"
+
+
+class UsageError(ValueError):
+    """Bad input found before any work: one line for the user, exit code 2."""
+
+
+class RunFailed(RuntimeError):
+    """A failure once training had started; the run folder holds what there was (exit code 1)."""
+
+
+@dataclass
+class RunSpec:
+    model: str = "minilm"
+    task: str = "rotten-tomatoes"
+    method: str = "lora"
+    settings: dict[str, str] = field(default_factory=dict)  # --set key=value
+    epochs: int = 1
+    lr: float | None = None  # None: the recipe's
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_length: int = 64
+    image_size: int | None = None
+    val_size: float = 0.1
+    seed: int = 0
+    bf16: bool = False
+    device: str = "auto"
+    compile: bool = False
+    train_size: int | None = None
+    test_size: int | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    task_type: str | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    out: str | None = None
+    results: str = "runs/results.jsonl"
+    progress: str = "auto"
+
+
+def check_spec(spec: RunSpec) -> None:
+    """Every flag, the model and task references and the method, before anything loads."""
+    positive = {"epochs": spec.epochs, "batch_size": spec.batch_size, "grad_accum": spec.grad_accum,
+                "max_length": spec.max_length}  # fmt: skip
+    for name, value in {**positive, "image_size": spec.image_size, "train_size": spec.train_size,
+                        "test_size": spec.test_size}.items():  # fmt: skip
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name, value, low in (("lr", spec.lr, 0.0), ("weight-decay", spec.weight_decay, None),
+                             ("max-grad-norm", spec.max_grad_norm, None)):  # fmt: skip
+        if value is None:
+            continue
+        if not math.isfinite(value) or (low is not None and value <= low) or value < 0:
+            raise UsageError(f"--{name} must be a finite number{' > 0' if low is not None else ' >= 0'}, got {value}")
+    if not 0 <= spec.warmup_ratio < 1:
+        raise UsageError(f"--warmup-ratio must be in [0, 1), got {spec.warmup_ratio}")
+    if not (0 < spec.val_size < 1 or (spec.val_size >= 1 and float(spec.val_size).is_integer())):
+        raise UsageError(f"--val-size must be a fraction in (0, 1) or a whole number of examples, got {spec.val_size}")
+    if spec.task_type is not None and spec.task_type not in TASK_TYPES:
+        raise UsageError(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {spec.task_type!r}")
+    try:
+        resolve_device(spec.device)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(str(e).replace("Expected one of", "--device: expected one of")) from e
+    if spec.bf16 and spec.device == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+        print("note: --bf16 on a CPU without native bf16 runs in emulation (slower than fp32)", file=sys.stderr)
+    if spec.out is not None and Path(spec.out).exists() and not Path(spec.out).is_dir():
+        raise UsageError(f"--out {spec.out} is a file; give a folder (it is created if missing)")
+    if Path(spec.results).is_dir():
+        raise UsageError(f"--results {spec.results} is a folder; give a file path (JSON lines are appended)")
+    for check in (lambda: check_model_ref(spec.model), lambda: check_task_ref(spec.task),
+                  lambda: recipes.check_method(spec.method, spec.settings)):  # fmt: skip
+        try:
+            check()
+        except ValueError as e:
+            raise UsageError(str(e)) from e
+
+
+def _load(spec: RunSpec) -> tuple[Task, LoadedModel]:
+    task = load_task(
+        spec.task, task_type=spec.task_type, text_column=spec.text_column, label_column=spec.label_column,
+        val_size=int(spec.val_size) if spec.val_size >= 1 else spec.val_size, seed=spec.seed,
+        train_size=spec.train_size, test_size=spec.test_size,
+    )  # fmt: skip
+    torch.manual_seed(spec.seed)  # the new head's initialisation
+    return task, load_model(spec.model, task)
+
+
+def _settings(spec: RunSpec, recipe: recipes.Recipe) -> TrainSettings:
+    return TrainSettings(
+        epochs=spec.epochs, batch_size=spec.batch_size, grad_accum=spec.grad_accum, lr=spec.lr or recipe.lr,
+        lr_by_method=recipe.lr_by_method, weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio,
+        max_grad_norm=spec.max_grad_norm or None, max_length=spec.max_length, image_size=spec.image_size,
+        seed=spec.seed, bf16=spec.bf16, device=spec.device, compile=spec.compile, progress=spec.progress,
+    )  # fmt: skip
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "structpeft": sp.__version__}  # fmt: skip
+
+
+def save_trained(model: nn.Module, out: Path) -> None:
+    """The adapter (PEFT layout), or a baseline's trainable tensors."""
+    if isinstance(model, sp.PeftModel):
+        model.save_pretrained(out)
+        return
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tmp = out / f".{BASELINE_WEIGHTS}.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(out / BASELINE_WEIGHTS)
+
+
+def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
+    check_spec(spec)
+    task, loaded = _load(spec)
+    recipe = recipes.build_recipe(spec.method, loaded.family, spec.settings, loaded.model, loaded.head)
+    model = recipe.adapt(loaded.model, loaded.head)
+    settings = _settings(spec, recipe)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = Path(spec.out or f"runs/{Path(spec.model).name}-{task.name}-{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    lrs = ", ".join([f"lr {settings.lr:g}"] + [f"{k} lr {v:g}" for k, v in settings.lr_by_method.items()])
+    print(
+        f"{spec.method} on {loaded.ref} ({loaded.family}) | {task.name}: {task.kind}, "
+        f"train {len(task.train)} / val {len(task.val)} / test {len(task.test)} | trainable {trainable:,} | "
+        f"{lrs} | {resolve_device(spec.device)} -> {out}",
+        flush=True,
+    )
+    row: dict[str, Any] = {
+        "status": "running", "model": loaded.ref, "family": loaded.family, "task": task.name, "kind": task.kind,
+        "method": spec.method, "seed": spec.seed, "lr": settings.lr, "lr_by_method": settings.lr_by_method,
+        "recipe": recipe.describe(), "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()), "train_examples": len(task.train),
+        "val_examples": len(task.val), "test_examples": len(task.test), "labels": task.label_names,
+        "data": task.source, "data_fingerprint": task.fingerprint(), "device": str(resolve_device(spec.device)),
+        "versions": _versions(), "command": shlex.join(command) if command is not None else None,
+        "spec": dataclasses.asdict(spec),
+    }  # fmt: skip
+    results.write_json(out / results.RUN_FILE, row)
+    log = RunLog()
+    try:
+        fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out))
+        row["test"] = evaluate(model, loaded, task, "test", settings, progress=bar_mode(settings.progress) == "bar")
+        row["status"] = "finished"
+    except BaseException as e:
+        row.update(
+            status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed", error=f"{type(e).__name__}: {e}"
+        )
+        if isinstance(e, Exception):
+            raise RunFailed(f"{type(e).__name__}: {e} (after {log.steps} steps; what there was is in {out})") from e
+        raise
+    finally:
+        row.update(log.summary(), history=log.history, val=log.best_val, **peak_memory_mib(resolve_device(spec.device)))
+        results.write_json(out / results.METRICS_FILE, row)
+        if log.losses or log.history:
+            results.plot_curves(log.losses, log.history, out / results.CURVES_FILE)
+    results.append_result(Path(spec.results), {**row, "out": str(out)})
+    metric, value = results.headline(row)
+    print(
+        f"test {metric} {value:.2f} (epoch {log.best_epoch}, best on validation) | trainable {trainable:,} | "
+        f"train {log.train_seconds:.0f}s | {out}",
+        flush=True,
+    )
+    return row
+
+
+def _spec_of(run_dir: Path) -> RunSpec:
+    path = run_dir / results.RUN_FILE
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no {results.RUN_FILE}; give a folder written by structpeft finetune")
+    import json
+
+    saved = json.loads(path.read_text(encoding="utf-8"))["spec"]
+    known = {f.name for f in dataclasses.fields(RunSpec)}
+    return RunSpec(**{k: v for k, v in saved.items() if k in known})
+
+
+def restore(run_dir: Path, spec: RunSpec, task: Task, loaded: LoadedModel) -> nn.Module:
+    """The trained model of a run folder, on a freshly loaded base."""
+    if (run_dir / BASELINE_WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        missing = set(load_file(str(run_dir / BASELINE_WEIGHTS))) - {n for n, _ in loaded.model.named_parameters()}
+        if missing:
+            raise UsageError(f"{run_dir}: weights {sorted(missing)[:3]} do not fit {loaded.ref}")
+        loaded.model.load_state_dict(load_file(str(run_dir / BASELINE_WEIGHTS)), strict=False)
+        return loaded.model
+    try:
+        return sp.PeftModel.from_pretrained(loaded.model, run_dir)
+    except sp.CheckpointError as e:
+        raise UsageError(str(e)) from e
+
+
+def evaluate_run(run_dir: Path, task_ref: str | None = None, split: str = "test", device: str | None = None) -> dict:
+    spec = _spec_of(run_dir)
+    if task_ref is not None:
+        spec.task = task_ref
+    if device is not None:
+        spec.device = device
+    check_spec(dataclasses.replace(spec, out=None))
+    task, loaded = _load(spec)
+    model = restore(run_dir, spec, task, loaded)
+    settings = _settings(spec, recipes.Recipe(spec.method, [spec.method]))
+    scores = evaluate(model, loaded, task, split, settings, progress=bar_mode(spec.progress) == "bar")
+    print(
+        f"{task.name} {split} ({len(task.split(split))} examples): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    )
+    return scores
+
+
+def generate(run_dir: Path, prompt: str, max_new_tokens: int = 64, device: str | None = None) -> str:
+    spec = _spec_of(run_dir)
+    if device is not None:
+        spec.device = device
+    if spec.task_type not in (None, "causal-lm"):
+        raise UsageError(f"{run_dir} was trained for {spec.task_type}; generate needs a causal-LM run")
+    task, loaded = _load(spec)
+    if task.kind != "causal-lm":
+        raise UsageError(f"{run_dir} was trained on a {task.kind} task; generate needs a causal-LM run")
+    model = restore(run_dir, spec, task, loaded).to(resolve_device(spec.device)).eval()
+    inputs = loaded.tokenizer(prompt, return_tensors="pt").to(resolve_device(spec.device))
+    with torch.no_grad():
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
+    return loaded.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+# -- budget ---------------------------------------------------------------------------------------
+# The knob that sizes each method, as --set fields for a value k = 1, 2, 3, ...
+SIZE_KNOBS = {
+    "lora": lambda k: {"r": k},
+    "flora": lambda k: {"r": k},
+    "kernel-mix": lambda k: {"r_q": k, "r_v": 2 * k, "r_q_shared": 2 * k, "r_v_shared": 4 * k},
+    "surm": lambda k: {"rank": k},  # LDR's generator count; the other structures have a fixed size
+}
+
+
+def adapter_params(model: nn.Module) -> int:
+    """Trainable parameters of the adapter itself (not the new head's full copy)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".copies." not in n)
+
+
+def budget(model_ref: str, method: str, params: int, task_ref: str, settings: dict[str, str]) -> dict[str, Any]:
+    """The size setting of ``method`` whose adapter comes closest to ``params`` trainable parameters."""
+    parts = recipes.split_method(method)
+    sized = [(name, fields) for name, fields in parts if name in SIZE_KNOBS]
+    if not sized:
+        raise UsageError(f"{method}: no size to choose (sizeable methods: {', '.join(SIZE_KNOBS)})")
+    name = sized[0][0]
+    check_spec(RunSpec(model=model_ref, task=task_ref, method=method, settings=settings))
+    task, loaded = _load(RunSpec(model=model_ref, task=task_ref, train_size=64, test_size=8, val_size=8))
+
+    def count(k: int) -> int:
+        knob = {(f"{name}.{key}" if len(parts) > 1 else key): str(v) for key, v in SIZE_KNOBS[name](k).items()}
+        model = copy.deepcopy(loaded.model)
+        recipe = recipes.build_recipe(method, loaded.family, {**settings, **knob}, model, loaded.head)
+        return adapter_params(recipe.adapt(model, loaded.head))
+
+    low, high = 1, 1
+    while count(high) < params and high < 4096:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if count(mid) < params else (low, mid)
+    best = min((low, high), key=lambda k: abs(count(k) - params))
+    chosen = SIZE_KNOBS[name](best)
+    found = {"method": method, "target": params, "settings": chosen, "adapter_params": count(best)}
+    sets = " ".join(f"--set {k}={v}" for k, v in chosen.items())
+    print(f"{method} on {model_ref}: {sets} gives {found['adapter_params']:,} adapter parameters (target {params:,})")
+    return found

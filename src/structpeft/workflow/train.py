@@ -1,0 +1,251 @@
+"""The training loop: AdamW with warm-up and linear decay, gradient accumulation and clipping,
+bf16 autocast, per-method learning rates, a validation pass each epoch that keeps the best epoch."""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from structpeft.workflow.models import LoadedModel
+from structpeft.workflow.tasks import IGNORE_INDEX, Task, collate_causal_lm, collate_images
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 1
+    batch_size: int = 32
+    grad_accum: int = 1  # optimizer steps see batch_size * grad_accum examples
+    lr: float = 1e-3
+    lr_by_method: dict[str, float] = field(default_factory=dict)  # method key -> lr (e.g. Coeff's α)
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float | None = 1.0
+    max_length: int = 128
+    image_size: int | None = None  # None: the model's own
+    seed: int = 0
+    bf16: bool = False
+    device: str = "cpu"
+    compile: bool = False
+    eval_batch_size: int = 64
+    progress: str = "auto"  # auto (a bar on a terminal, a line per epoch otherwise), bar, lines, none
+
+
+@dataclass
+class RunLog:
+    """What training has produced so far; the caller owns it, so a failure mid-run can still write it."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, train loss)
+    best_epoch: int | None = None
+    best_val: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    train_seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "train_seconds": self.train_seconds,
+            "step_time_ms": 1000 * statistics.median(self.step_seconds) if self.step_seconds else None,
+            "best_epoch": self.best_epoch,
+            "epochs_run": len(self.history),
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one, else CPU. Asking for CUDA without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name}: this machine has no CUDA device (torch {torch.__version__}); use --device cpu"
+        )
+    return device
+
+
+def collate_fn(task: Task, loaded: LoadedModel, settings: TrainSettings) -> Callable[[list[dict]], dict]:
+    if task.kind == "image-classification":
+        size = settings.image_size or loaded.image_size or 224
+        return lambda examples: collate_images(examples, size, loaded.image_mean, loaded.image_std)
+    tokenizer = loaded.tokenizer
+    if task.kind == "causal-lm":
+        return lambda examples: collate_causal_lm(examples, tokenizer, settings.max_length)
+
+    def collate_text(examples: list[dict]) -> dict[str, torch.Tensor]:
+        texts = [e["text"] for e in examples]
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=settings.max_length, return_tensors="pt")
+        return {**batch, "labels": torch.tensor([e["label"] for e in examples])}
+
+    return collate_text
+
+
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torch.Tensor, int]:
+    """(mean loss, number of targets it averages): classes, or next tokens for causal LM."""
+    if kind == "causal-lm":
+        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+        count = int((labels != IGNORE_INDEX).sum())
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
+        )
+        return loss, count
+    return F.cross_entropy(logits.float(), labels), labels.numel()
+
+
+def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """One parameter group per learning rate: a method's own lr applies to its parameters, named
+    ``...adapters.<adapter>.<method>...`` by structpeft; everything else (the head too) takes ``lr``."""
+    patterns = {key: re.compile(rf"\.adapters\.[^.]+\.{re.escape(key)}\.") for key in settings.lr_by_method}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            key = next((k for k, pattern in patterns.items() if pattern.search(name)), None)
+            groups.setdefault(settings.lr_by_method[key] if key else settings.lr, []).append(p)
+    if not groups:
+        raise ValueError("the model has no trainable parameters: did the method target anything?")
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": lr} for lr, ps in groups.items()], lr=settings.lr, weight_decay=settings.weight_decay
+    )
+
+
+def bar_mode(setting: str) -> str:
+    if setting == "auto":
+        return "bar" if sys.stderr.isatty() else "lines"
+    return setting
+
+
+def _autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def fit(
+    model: nn.Module,
+    loaded: LoadedModel,
+    task: Task,
+    settings: TrainSettings,
+    log: RunLog,
+    on_best: Callable[[int], None] | None = None,
+) -> RunLog:
+    """Train on ``task.train``; score ``task.val`` after each epoch; end with the best epoch's
+    trainable weights in ``model`` (``on_best(epoch)`` runs whenever a new best is reached)."""
+    device = resolve_device(settings.device)
+    model.to(device)
+    forward = torch.compile(model) if settings.compile else model
+    collate = collate_fn(task, loaded, settings)
+    generator = torch.Generator().manual_seed(settings.seed)
+    loader = DataLoader(task.train, settings.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    optimizer = _optimizer(model, settings)
+    steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
+    total = steps_per_epoch * settings.epochs
+    warmup = int(settings.warmup_ratio * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1)))
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    best_state: dict[str, torch.Tensor] | None = None
+    mode = bar_mode(settings.progress)
+    bar = tqdm(total=total, desc="train", unit="step", disable=mode != "bar", dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for epoch in range(settings.epochs):
+            model.train()
+            epoch_loss, epoch_batches, epoch_start, step_start = 0.0, 0, time.perf_counter(), time.perf_counter()
+            for i, batch in enumerate(loader):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with _autocast(device, settings.bf16):
+                    loss, _ = loss_of(loaded.logits(forward, batch), batch["labels"], task.kind)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"the loss became {loss.item()} at step {log.steps}: lower --lr")
+                (loss / settings.grad_accum).backward()
+                epoch_loss, epoch_batches = epoch_loss + loss.item(), epoch_batches + 1
+                if (i + 1) % settings.grad_accum and i + 1 != len(loader):
+                    continue
+                if settings.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.steps += 1
+                log.step_seconds.append(time.perf_counter() - step_start)
+                log.losses.append((log.steps, loss.item()))
+                step_start = time.perf_counter()
+                bar.update()
+                bar.set_postfix(
+                    epoch=epoch + 1, loss=f"{epoch_loss / epoch_batches:.4f}",
+                    ex_s=f"{epoch_batches * settings.batch_size / (step_start - epoch_start):.1f}",
+                )  # fmt: skip
+            log.train_seconds = time.perf_counter() - start
+            val = evaluate(model, loaded, task, "val", settings, progress=mode == "bar")
+            row = {"epoch": epoch + 1, "step": log.steps, "train_loss": epoch_loss / max(epoch_batches, 1)}
+            row.update({f"val_{k}": v for k, v in val.items()})
+            log.history.append(row)
+            if mode == "lines":
+                print(
+                    f"epoch {epoch + 1}/{settings.epochs}: train loss {row['train_loss']:.4f}, "
+                    + ", ".join(f"val {k} {v:.4f}" for k, v in val.items())
+                    + f", {time.perf_counter() - epoch_start:.0f}s",
+                    flush=True,
+                )
+            if log.best_epoch is None or _better(val, log.best_val):
+                log.best_epoch, log.best_val = epoch + 1, val
+                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                if on_best is not None:
+                    on_best(epoch + 1)
+    finally:
+        bar.close()
+        log.train_seconds = time.perf_counter() - start
+    if best_state is not None and log.best_epoch != len(log.history):
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in best_state.items():
+                params[name].copy_(value)
+    return log
+
+
+def _better(new: dict[str, float], old: dict[str, float]) -> bool:
+    return new["accuracy"] > old["accuracy"] if "accuracy" in new else new["loss"] < old["loss"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, loaded: LoadedModel, task: Task, split: str, settings: TrainSettings, progress: bool = False
+) -> dict[str, float]:
+    """Accuracy and loss for classification; loss and perplexity (per target token) for causal LM."""
+    device = resolve_device(settings.device)
+    model.to(device).eval()
+    examples: Sequence[dict] = task.split(split)
+    loader = DataLoader(examples, settings.eval_batch_size, collate_fn=collate_fn(task, loaded, settings))
+    total_loss, targets, correct = 0.0, 0, 0
+    for batch in tqdm(loader, desc=split, unit="batch", disable=not progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, settings.bf16):
+            logits = loaded.logits(model, batch)
+        loss, count = loss_of(logits, batch["labels"], task.kind)
+        total_loss, targets = total_loss + loss.item() * count, targets + count
+        if task.kind != "causal-lm":
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    loss = total_loss / max(targets, 1)
+    if task.kind == "causal-lm":
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return {"accuracy": correct / max(len(examples), 1), "loss": loss}
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """CUDA: the allocator's peak; CPU: the process's peak resident set (includes the model and data)."""
+    if device.type == "cuda":
+        return {"peak_cuda_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
