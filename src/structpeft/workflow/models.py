@@ -170,12 +170,14 @@ def _transformers_model(ref: str, task: Task) -> LoadedModel:
             "ignore_mismatched_sizes": True,  # a fine-tuned checkpoint with other classes gets a new head
         }
     logging.set_verbosity_error()  # "some weights are newly initialised" is expected: the head is new
+    logging.disable_progress_bar()  # a bar per load is noise between our own lines
     try:
         model, info = auto.from_pretrained(ref, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"cannot load {ref!r} for {task.kind}: {str(e).splitlines()[0]}") from e
     finally:
         logging.set_verbosity_warning()
+        logging.enable_progress_bar()
     model.float()
     loaded = LoadedModel(model, ref, _family(model.config, task.kind))
     if task.kind != "causal-lm":

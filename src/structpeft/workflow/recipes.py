@@ -24,6 +24,9 @@ from structpeft.core import registered_methods
 BASELINES = ("probe", "full")
 SURM_ADAPTER_TARGETS = ["attention.output.dense", "output.dense"]  # Houlsby placement, BERT-style names
 NOT_SETTABLE = {"extra", "modules_to_save"}  # modules_to_save is the head the model gives
+# Coeff-Tuning is a plug-in on top of another method (arXiv 2503.18337): in a composition it keeps
+# its own learning rate and the other method leads (its lr is --lr's and the head's).
+PLUG_INS = ("coeff",)
 
 
 class RecipeError(ValueError):
@@ -87,7 +90,7 @@ class Recipe:
     method: str
     parts: list[str]  # method names in the composition, e.g. ["coeff", "lora"]
     configs: list[sp.AdapterConfig] = field(default_factory=list)
-    lr: float = 1e-3  # the first method's (and the head's)
+    lr: float = 1e-3  # the leading method's (and the head's)
     lr_by_method: dict[str, float] = field(default_factory=dict)  # the others', by parameter-name key
 
     @property
@@ -168,8 +171,21 @@ def route_settings(parts: list[str], settings: dict[str, str]) -> dict[str, dict
 
 
 def check_method(method: str, settings: dict[str, str]) -> None:
-    """Everything about the method that can be checked before a model loads."""
-    route_settings([n for n, _ in split_method(method)], settings)
+    """Everything about the method that can be checked before a model loads: its name, the fields
+    ``--set`` names, and their values (each config validates itself when built)."""
+    parts = split_method(method)
+    routed = route_settings([n for n, _ in parts], settings)
+    for name, alias_fields in parts:
+        if name in BASELINES:
+            continue
+        fields = {k: v for k, v in {**alias_fields, **routed[name]}.items() if k not in ("lr", "target_modules")}
+        try:
+            adapter_methods()[name](**fields)
+        except (TypeError, ValueError) as e:
+            raise RecipeError(f"{name}: {e}") from e
+    for name, fields in routed.items():
+        if "lr" in fields and not (isinstance(fields["lr"], int | float) and 0 < fields["lr"] < float("inf")):
+            raise RecipeError(f"--set {name}.lr must be a finite number > 0, got {fields['lr']!r}")
 
 
 def _targets(spec: Any, model: nn.Module, head: list[str], family: str, name: str) -> Any:
@@ -205,7 +221,8 @@ def build_recipe(method: str, family: str, settings: dict[str, str], model: nn.M
     routed = route_settings(names, settings)
     family_defaults = DEFAULTS[family]
     recipe = Recipe(method, names)
-    for i, (name, alias_fields) in enumerate(parts):
+    lead = next((n for n in names if n not in PLUG_INS), names[0])
+    for name, alias_fields in parts:
         if name not in family_defaults:
             raise RecipeError(
                 f"{name} has no recipe for a {family} ({_why_not(name, family)}); "
@@ -213,7 +230,7 @@ def build_recipe(method: str, family: str, settings: dict[str, str], model: nn.M
             )
         fields = {**family_defaults[name], **alias_fields, **routed[name]}
         lr = float(fields.pop("lr"))
-        if i == 0:
+        if name == lead:
             recipe.lr = lr
         elif lr != recipe.lr:
             recipe.lr_by_method[adapter_methods()[name].peft_type.lower()] = lr
@@ -228,7 +245,7 @@ def build_recipe(method: str, family: str, settings: dict[str, str], model: nn.M
         if "target_modules" in fields:
             fields["target_modules"] = _targets(fields["target_modules"], model, head, family, name)
         try:
-            config = adapter_methods()[name](**fields, modules_to_save=list(head) if i == 0 and head else None)
+            config = adapter_methods()[name](**fields, modules_to_save=list(head) if name == lead and head else None)
         except TypeError as e:
             raise RecipeError(f"{name}: {e}") from e
         recipe.configs.append(config)

