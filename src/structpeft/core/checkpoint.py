@@ -2,14 +2,14 @@
 
 Keys are ``base_model.model.<module path>.<parameter>`` with the adapter name left out, so a
 structpeft LoRA and an HF PEFT LoRA read each other. Loading checks everything before it changes
-the model; writes go to a temporary file that is renamed into place. Nothing is ever pickled.
+the model; a save replaces both files together or neither (:mod:`structpeft.core.atomic`), so a
+crash leaves the old checkpoint or the new one, never a mix. Nothing is ever pickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from structpeft.core.atomic import atomic_write_dir, committed_path
 from structpeft.core.config import AdapterConfig, configs_from_dict, configs_to_dict
 from structpeft.core.targets import get_submodule, unwrapped
 
@@ -31,17 +32,6 @@ KEY_PREFIX = "base_model.model."
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into this model; the model was left unchanged."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _base_model_name(model: torch.nn.Module) -> str:
@@ -64,23 +54,24 @@ def adapter_state_dict(model: PeftModel, adapter: str) -> dict[str, torch.Tensor
 
 
 def save_adapter(model: PeftModel, adapter: str, directory: str | os.PathLike) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     config = configs_to_dict(model.peft_config[adapter], _base_model_name(model.base_model))
-    # Weights first: a crash between the two writes leaves the old config, which then fails to
-    # load loudly (key mismatch) rather than loading a half-written adapter.
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+    with atomic_write_dir(directory) as staging:
+        save_file(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(text)
+    for leftover in Path(directory).glob(".adapter_*.tmp"):  # temporary files of structpeft <= 0.1's saves
+        leftover.unlink(missing_ok=True)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[list[AdapterConfig], dict[str, torch.Tensor]]:
     path = Path(path)
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    # A save that a crash cut short after its commit point is read from where it left the new files.
+    config_file, weights_file = committed_path(path, CONFIG_NAME), committed_path(path, WEIGHTS_NAME)
     if not config_file.is_file():
         raise CheckpointError(f"no {CONFIG_NAME} in {path}: is this an adapter folder written by save_pretrained()?")
     if not weights_file.is_file():
-        if (path / "adapter_model.bin").is_file():
+        if committed_path(path, "adapter_model.bin").is_file():
             raise CheckpointError(
                 f"{path} holds adapter_model.bin, a pickle, which structpeft never loads; "
                 "re-save it as safetensors (HF PEFT: save_pretrained(..., safe_serialization=True))"
