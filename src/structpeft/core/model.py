@@ -58,20 +58,31 @@ def _as_list(config: AdapterConfig | list[AdapterConfig]) -> list[AdapterConfig]
 class _BaseModelForward:
     """``PeftModel.forward``: calls the base model, and on an instance carries the base forward's
     signature, which HF Trainer reads to pick the dataset columns to keep (a bare
-    ``*args, **kwargs`` would make it drop them all)."""
+    ``*args, **kwargs`` would make it drop them all).
+
+    ``adapter_names=[...]`` (one per row, ``"__base__"`` for none) runs a mixed-adapter batch; it is
+    taken out here, so a base model whose forward takes ``**kwargs`` never swallows it.
+    """
+
+    @staticmethod
+    def _call(model: PeftModel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return model.base_model(*args, **kwargs)
+        with model.mixed_batch(adapter_names):
+            return model.base_model(*args, **kwargs)
 
     @staticmethod
     def _unbound(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return _BaseModelForward._call(self, args, kwargs)
 
     def __get__(self, obj: PeftModel | None, objtype: type | None = None) -> Callable[..., Any]:
         if obj is None:
             return self._unbound
-        base_model = obj.base_model
 
-        @functools.wraps(base_model.forward)
+        @functools.wraps(obj.base_model.forward)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return base_model(*args, **kwargs)
+            return _BaseModelForward._call(obj, args, kwargs)
 
         return forward
 
