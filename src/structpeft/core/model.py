@@ -538,7 +538,7 @@ def _check_not_adapted(model: nn.Module) -> None:
     if isinstance(model, PeftModel) or any(isinstance(m, AdapterHost | ModulesToSave) for m in model.modules()):
         raise ValueError(
             f"this {type(model).__name__} already holds structpeft adapters; add another one to its PeftModel "
-            "with model.add_adapter(name, config) (and set_adapter(name) to use it)"
+            "with model.add_adapter(name, config), or load_adapter(path, name) for a saved one, then set_adapter(name)"
         )
 
 
