@@ -173,11 +173,12 @@ class AdaptedLayer(AdapterHost):
     def __getattr__(self, name: str):
         """The wrapped layer's attributes (``in_features``, ``in_channels``, Conv1D's ``nf``, ``padding_idx``...)
         read through the wrapper, as model code reads them; conv layers also answer ``in_features`` and
-        ``out_features`` (their channels), as HF PEFT's wrappers do."""
+        ``out_features`` (their channels), as HF PEFT's wrappers do. Private names are not forwarded: a
+        hook library's markers (accelerate's ``_hf_hook``) on the layer must not read as the wrapper's."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_layer", "geometry", "_modules"):
+            if name.startswith("_") or name in ("base_layer", "geometry"):
                 raise
         try:
             return getattr(self.base_layer, name)
@@ -273,11 +274,11 @@ class ModulesToSave(nn.Module):
         self.batch_adapters: list[str] | None = None  # as AdapterHost's
 
     def __getattr__(self, name: str):
-        """The kept module's attributes (a head's ``out_features``...) read through the wrapper."""
+        """The kept module's public attributes (a head's ``out_features``...) read through the wrapper."""
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "copies", "_modules") or "_modules" not in self.__dict__:
+            if name.startswith("_") or name in ("original_module", "copies") or "_modules" not in self.__dict__:
                 raise
         return getattr(self.active_copy(), name)
 
