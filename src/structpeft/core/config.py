@@ -70,15 +70,19 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         """Check every field against its type, every number for finiteness, and the targets, so that a bad
         value fails here, naming its field, rather than halfway into a model."""
-        hints = typing.get_type_hints(type(self))
+        try:
+            hints = typing.get_type_hints(type(self))
+        except NameError:  # a method's config annotating with a name imported only for type checkers
+            hints = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, tuple | set | frozenset) and _allows_list(hints[f.name]):
+            hint = hints.get(f.name, Any)
+            if isinstance(value, tuple | set | frozenset) and _allows_list(hint):
                 value = sorted(value) if isinstance(value, set | frozenset) else list(value)
                 setattr(self, f.name, value)
-            if not _fits(value, hints[f.name]):
+            if not _fits(value, hint):
                 raise TypeError(
-                    f"{type(self).__name__} field {f.name} must be {_type_name(hints[f.name])}, "
+                    f"{type(self).__name__} field {f.name} must be {_type_name(hint)}, "
                     f"got {type(value).__name__} {value!r}"
                 )
             if not _all_finite(value):

@@ -391,7 +391,8 @@ class PeftModel(nn.Module):
         error, unless ``keep_unmergeable``: then those modules are left as they are and still act.
         Returns the paths of the modules so kept. Every merge checks the new weights and biases are
         finite before writing them, so HF PEFT's ``safe_merge=True`` is what always happens (the flag is
-        accepted for compatibility). A refused or failed merge restores the weights bit for bit.
+        accepted for compatibility). A refused or failed merge restores the weights bit for bit, from a
+        copy of the weights it writes, held in CPU memory while it runs.
         """
         del safe_merge  # always safe, see above
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or self.active_adapters)
@@ -405,8 +406,9 @@ class PeftModel(nn.Module):
             )
         hosts = [(n, h) for n, h in self.adapter_hosts() if n not in kept and any(a in h.adapters for a in names)]
         self._check_untied([(n, h) for n, h in hosts if isinstance(h, AdaptedLayer)])
-        # A snapshot, not a subtraction: w + Δ - Δ is not w in floating point.
-        snapshot = [(h, h.merged_adapters[:], [t.detach().clone() for t in _weights(h)]) for _, h in hosts]
+        # A snapshot, not a subtraction (w + Δ - Δ is not w in floating point), kept in CPU memory so
+        # that merging a large model on an accelerator does not need twice the memory there.
+        snapshot = [(h, h.merged_adapters[:], [t.detach().to("cpu", copy=True) for t in _weights(h)]) for _, h in hosts]
         failing = ""
         try:
             # Backwards through the model: a delta may read another layer's frozen weight (Kernel-mix's
