@@ -148,7 +148,8 @@ def load_into_plan(
 
     missing = sorted(set(expected) - set(tensors))
     unexpected = set(tensors) - set(expected) - set(optional)
-    overwriting = sorted(k for k in unexpected if k in _base_keys(model.base_model) or ".base_layer." in k)
+    base_keys = _base_keys(model.base_model) if unexpected else set()
+    overwriting = sorted(k for k in unexpected if k in base_keys or ".base_layer." in k)
     unexpected = sorted(unexpected - set(overwriting))
     shapes = {k: tuple(v.shape) for k, v in {**optional, **expected}.items()}
     wrong = sorted(

@@ -418,13 +418,15 @@ class PeftModel(nn.Module):
                 failing = name
                 for a in names:
                     host.merge(a)
-        except Exception as e:
+        except BaseException as e:  # also an interrupt or out-of-memory: never leave half a merge
             with torch.no_grad():
                 for host, merged, saved in snapshot:
                     for tensor, value in zip(_weights(host), saved):
                         tensor.copy_(value)
                     host.merged_adapters[:] = merged
-            raise ValueError(f"cannot merge into module {failing!r}: {e}. Nothing was merged.") from e
+            if isinstance(e, ValueError):
+                raise ValueError(f"cannot merge into module {failing!r}: {e}. Nothing was merged.") from e
+            raise
         return set(kept)
 
     def _check_untied(self, hosts: list[tuple[str, AdaptedLayer]]) -> None:
