@@ -1,5 +1,6 @@
 """Method-agnostic machinery: configs, injection, the wrapper model, checkpoint I/O."""
 
+from structpeft.core.atomic import atomic_write_dir
 from structpeft.core.checkpoint import CheckpointError
 from structpeft.core.config import AdapterConfig, register_method, registered_methods
 from structpeft.core.layers import (
@@ -20,6 +21,7 @@ __all__ = [
     "LayerGeometry",
     "ModuleAdapters",
     "PeftModel",
+    "atomic_write_dir",
     "get_peft_model",
     "layer_geometry",
     "module_host",

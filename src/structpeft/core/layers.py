@@ -127,6 +127,8 @@ class AdapterHost(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # Set for the length of a mixed-batch forward: the adapter of each row (BASE_ROW for none).
+        self.batch_adapters: list[str] | None = None
 
     def unmergeable_methods(self, adapter: str) -> list[str]:
         return [m for m, d in self.adapters[adapter].items() if not d.mergeable]
@@ -143,12 +145,15 @@ class ModuleAdapters(AdapterHost):
 
     def active_deltas(self) -> list[AdapterDelta]:
         """The deltas of the active adapters, in activation order; none when disabled."""
-        if self.disabled:
+        if self.disabled or self.batch_adapters is not None:
+            # A mixed batch never names an adapter acting inside a module (the model refuses it), so
+            # none of these deltas belongs to any row.
             return []
         return [d for a in self.active_adapters if a in self.adapters for d in self.adapters[a].values()]
 
 
 HOST_ATTRIBUTE = "structpeft_adapters"
+BASE_ROW = "__base__"  # in a mixed batch, the rows that run the base model alone (HF PEFT's name)
 
 
 def module_host(module: nn.Module) -> ModuleAdapters | None:
@@ -162,7 +167,25 @@ class AdaptedLayer(AdapterHost):
     def __init__(self, base_layer: nn.Module, name: str) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.path = name
         self.geometry = layer_geometry(base_layer, name)
+
+    def __getattr__(self, name: str):
+        """The wrapped layer's attributes (``in_features``, ``in_channels``, Conv1D's ``nf``, ``padding_idx``...)
+        read through the wrapper, as model code reads them; conv layers also answer ``in_features`` and
+        ``out_features`` (their channels), as HF PEFT's wrappers do. Private names are not forwarded: a
+        hook library's markers (accelerate's ``_hf_hook``) on the layer must not read as the wrapper's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("base_layer", "geometry"):
+                raise
+        try:
+            return getattr(self.base_layer, name)
+        except AttributeError:
+            if name in ("in_features", "out_features"):
+                return getattr(self.geometry, name)
+            raise
 
     # Model code reads its layers' parameters directly (ViT's patch embedding checks
     # ``projection.weight.dtype``): the wrapper answers with the base layer's.
@@ -180,10 +203,23 @@ class AdaptedLayer(AdapterHost):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        if self.batch_adapters is not None:
+            return self._mixed_batch_forward(x, result)
         for adapter in self.active_adapters:
             if adapter in self.adapters and adapter not in self.merged_adapters:
                 for delta in self.adapters[adapter].values():
                     result = delta(x, result, self.base_layer)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each row gets its own adapter's deltas (``batch_adapters[i]`` for row i); out of place, for autograd."""
+        rows = _check_rows(self.batch_adapters, x, f"module {self.path!r}")
+        for adapter, index in rows.items():
+            if adapter in self.adapters:
+                part = result.index_select(0, index)
+                for delta in self.adapters[adapter].values():
+                    part = delta(x.index_select(0, index), part, self.base_layer)
+                result = result.index_copy(0, index, part)
         return result
 
     # -- merging --------------------------------------------------------------------------
@@ -204,8 +240,8 @@ class AdaptedLayer(AdapterHost):
                     if new_b is None:
                         raise ValueError(f"adapter {adapter!r} ({method}) has a bias delta but the layer has no bias")
                     new_b = new_b + sign * db.float()
-            if not torch.isfinite(new_w).all():
-                raise ValueError(f"merging adapter {adapter!r} gives non-finite weights")
+            if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
+                raise ValueError(f"merging adapter {adapter!r} gives non-finite weights or biases")
             weight.copy_(new_w.to(weight.dtype))
             if new_b is not None:
                 bias.copy_(new_b.to(bias.dtype))
@@ -235,6 +271,16 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disabled = False
+        self.batch_adapters: list[str] | None = None  # as AdapterHost's
+
+    def __getattr__(self, name: str):
+        """The kept module's public attributes (a head's ``out_features``...) read through the wrapper."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "copies") or "_modules" not in self.__dict__:
+                raise
+        return getattr(self.active_copy(), name)
 
     def active_copy(self) -> nn.Module:
         if not self.disabled:
@@ -244,4 +290,32 @@ class ModulesToSave(nn.Module):
         return self.original_module
 
     def forward(self, *args, **kwargs):
-        return self.active_copy()(*args, **kwargs)
+        if self.batch_adapters is None or self.disabled:
+            return self.active_copy()(*args, **kwargs)
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise ValueError("a mixed-adapter batch needs the batch as the first positional input of a kept module")
+        x, rest = args[0], args[1:]
+        rows = _check_rows(self.batch_adapters, x, "a module in modules_to_save")
+        parts, order = [], []
+        for adapter, index in rows.items():
+            module = self.original_module
+            if adapter in self.copies:
+                module = self.copies[adapter]
+            parts.append(module(x.index_select(0, index), *rest, **kwargs))
+            order.append(index)
+        if not all(isinstance(p, torch.Tensor) for p in parts):
+            raise ValueError("a mixed-adapter batch needs kept modules (modules_to_save) that return a tensor")
+        return torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
+
+
+def _check_rows(adapters: list[str], x: torch.Tensor, where: str) -> dict[str, torch.Tensor]:
+    """``{adapter: indices of its rows}`` for a mixed batch, after checking one name per row of ``x``."""
+    if x.dim() == 0 or x.shape[0] != len(adapters):
+        raise ValueError(
+            f"adapter_names has {len(adapters)} entries but {where!s} got a batch of "
+            f"{x.shape[0] if x.dim() else 'a scalar'}: give one adapter name per row ({BASE_ROW!r} for none)"
+        )
+    rows: dict[str, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        rows.setdefault(adapter, []).append(i)
+    return {a: torch.tensor(i, device=x.device) for a, i in rows.items()}

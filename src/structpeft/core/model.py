@@ -6,14 +6,17 @@ import contextlib
 import copy
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from structpeft.core import checkpoint
 from structpeft.core.config import AdapterConfig
 from structpeft.core.layers import (
+    BASE_ROW,
     HOST_ATTRIBUTE,
     AdaptedLayer,
     AdapterDelta,
@@ -27,6 +30,24 @@ from structpeft.core.targets import get_submodule, named_modules, resolve_target
 DEFAULT_ADAPTER = "default"
 
 
+def check_adapter_name(name: object) -> None:
+    """Refuse, before anything changes, a name that cannot key the adapters' module dicts or that would
+    put ``save_pretrained``'s sub-folder outside its folder."""
+    if not isinstance(name, str):
+        raise TypeError(f"adapter name must be a string, got {type(name).__name__} {name!r}")
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif any(c in name for c in "./\\\0"):
+        problem = "holds '.', '/', '\\' or a NUL (it names a sub-folder of save_pretrained and a module key)"
+    elif name == BASE_ROW:
+        problem = f"is reserved: {BASE_ROW!r} marks the rows of a mixed batch that run without adapter"
+    elif hasattr(nn.ModuleDict(), name):
+        problem = "is the name of a torch.nn.ModuleDict attribute"
+    if problem:
+        raise ValueError(f"adapter name {name!r} {problem}; pick a plain name such as 'default' or 'sst2'")
+
+
 def _as_list(config: AdapterConfig | list[AdapterConfig]) -> list[AdapterConfig]:
     configs = list(config) if isinstance(config, list | tuple) else [config]
     if not configs or not all(isinstance(c, AdapterConfig) for c in configs):
@@ -37,20 +58,31 @@ def _as_list(config: AdapterConfig | list[AdapterConfig]) -> list[AdapterConfig]
 class _BaseModelForward:
     """``PeftModel.forward``: calls the base model, and on an instance carries the base forward's
     signature, which HF Trainer reads to pick the dataset columns to keep (a bare
-    ``*args, **kwargs`` would make it drop them all)."""
+    ``*args, **kwargs`` would make it drop them all).
+
+    ``adapter_names=[...]`` (one per row, ``"__base__"`` for none) runs a mixed-adapter batch; it is
+    taken out here, so a base model whose forward takes ``**kwargs`` never swallows it.
+    """
+
+    @staticmethod
+    def _call(model: PeftModel, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return model.base_model(*args, **kwargs)
+        with model.mixed_batch(adapter_names):
+            return model.base_model(*args, **kwargs)
 
     @staticmethod
     def _unbound(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return _BaseModelForward._call(self, args, kwargs)
 
     def __get__(self, obj: PeftModel | None, objtype: type | None = None) -> Callable[..., Any]:
         if obj is None:
             return self._unbound
-        base_model = obj.base_model
 
-        @functools.wraps(base_model.forward)
+        @functools.wraps(obj.base_model.forward)
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return base_model(*args, **kwargs)
+            return _BaseModelForward._call(obj, args, kwargs)
 
         return forward
 
@@ -70,11 +102,14 @@ class PeftModel(nn.Module):
         config: AdapterConfig | list[AdapterConfig] | None,
         adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
+        check_adapter_name(adapter_name)
+        _check_not_adapted(model)
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, list[AdapterConfig]] = {}
         self.active_adapters: list[str] = [adapter_name]
-        self.frozen_adapters: set[str] = set()  # loaded with is_trainable=False
+        self.frozen_adapters: set[str] = set()  # loaded with is_trainable=False, or set_requires_grad(.., False)
+        self.adapters_disabled = False  # disable_adapter_layers(); disable_adapter() sets it for a block
         if config is not None:
             with _frozen_base(model):
                 self.add_adapter(adapter_name, config)
@@ -88,6 +123,11 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
     forward = _BaseModelForward()
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list when several are active (HF PEFT's property)."""
+        return self.active_adapters[0] if len(self.active_adapters) == 1 else list(self.active_adapters)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -114,6 +154,7 @@ class PeftModel(nn.Module):
         Every error (unknown target, unsupported layer, a method targeting a layer twice) is raised
         here, before anything changes.
         """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name")
         # A module kept whole (modules_to_save), now or by this adapter, is never also adapted.
@@ -178,6 +219,8 @@ class PeftModel(nn.Module):
         self.attach_adapter(adapter_name, configs, self.plan_adapter(adapter_name, configs))
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Deleting an active one leaves the other active ones, or else activates the
+        first remaining adapter (with a warning), as HF PEFT does."""
         self._check_exists([adapter_name])
         for name, host in list(self.adapter_hosts()):
             if adapter_name in host.merged_adapters:
@@ -191,7 +234,14 @@ class PeftModel(nn.Module):
             if not module.copies:
                 set_submodule(self.base_model, name, module.original_module)
         del self.peft_config[adapter_name]
+        self.frozen_adapters.discard(adapter_name)  # the name may be reused by a trainable adapter
+        was_active = adapter_name in self.active_adapters
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        if was_active and not self.active_adapters and self.peft_config:
+            self.active_adapters = [next(iter(self.peft_config))]
+            warnings.warn(
+                f"deleted the active adapter {adapter_name!r}; {self.active_adapters[0]!r} is now active", stacklevel=2
+            )
         self._refresh()
 
     # -- which adapters act ---------------------------------------------------------------
@@ -201,11 +251,43 @@ class PeftModel(nn.Module):
             raise ValueError(f"no adapter named {unknown}; this model has {sorted(self.peft_config)}")
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make these adapters the active ones (their deltas add) and the only trainable ones."""
+        """Make these adapters the active ones (their deltas add) and the only trainable ones.
+
+        Merged adapters are unmerged first (with a warning), as in HF PEFT: otherwise the merged one
+        would stay in the weights under the new one.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_exists(names)
+        for name, module in self.saved_modules():
+            if len(clash := [a for a in names if a in module.copies]) > 1:
+                raise ValueError(
+                    f"adapters {clash} each keep their own copy of {name!r} (modules_to_save); only one copy can "
+                    "act at a time, so they cannot be active together"
+                )
+        if any(host.merged_adapters for _, host in self.adapter_hosts()):
+            warnings.warn("set_adapter() on a merged model: unmerging the merged adapters first", stacklevel=2)
+            self.unmerge_adapter()
         self.active_adapters = names
         self._refresh()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of these adapters' parameters on or off (HF PEFT's method). Off stays off until
+        turned on again: set_adapter() does not turn it back on."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_exists(names)
+        for adapter in names:
+            if requires_grad:
+                self.frozen_adapters.discard(adapter)
+            else:
+                self.frozen_adapters.add(adapter)
+        for params in self._adapter_modules(names):
+            params.requires_grad_(requires_grad)
+
+    def _adapter_modules(self, names: list[str]) -> Iterator[nn.Module]:
+        for _, host in self.adapter_hosts():
+            yield from (host.adapters[a] for a in names if a in host.adapters)
+        for _, module in self.saved_modules():
+            yield from (module.copies[a] for a in names if a in module.copies)
 
     def _remove_deltas(self, name: str, host: AdapterHost, adapters: list[str]) -> None:
         """Take ``adapters`` out of ``host`` (the host of module ``name``); drop the host once empty."""
@@ -227,20 +309,68 @@ class PeftModel(nn.Module):
         wrappers += [(m, m.copies) for _, m in self.saved_modules()]
         for wrapper, per_adapter in wrappers:
             wrapper.active_adapters = list(self.active_adapters)
+            wrapper.disabled = self.adapters_disabled
             for adapter, params in per_adapter.items():
                 params.requires_grad_(adapter in self.active_adapters and adapter not in self.frozen_adapters)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model as it was: no delta, original heads."""
+        """Run the base model as it was (no delta, original heads) inside the block; on leaving it, the
+        previous state comes back (so nested blocks, and disable_adapter_layers(), are kept)."""
+        previous = self.adapters_disabled
+        self.adapters_disabled = True
+        self._refresh()
+        try:
+            yield
+        finally:
+            self.adapters_disabled = previous
+            self._refresh()
+
+    def disable_adapter_layers(self) -> None:
+        """Switch every adapter off until enable_adapter_layers() (HF PEFT's method)."""
+        self.adapters_disabled = True
+        self._refresh()
+
+    def enable_adapter_layers(self) -> None:
+        self.adapters_disabled = False
+        self._refresh()
+
+    # -- mixed batches ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+        """Inside the block, row i of every batch runs adapter ``adapter_names[i]`` alone (``"__base__"``: none).
+
+        What ``model(..., adapter_names=[...])`` uses. Only deltas that act on a layer's output can be chosen
+        per row; an adapter with deltas acting inside a module (Coeff-Tuning's attention maps) is refused, as
+        are merged adapters (their deltas are in every row's weights) and a disabled model.
+        """
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, list | tuple) or not adapter_names:
+            raise TypeError(
+                f"adapter_names must be a non-empty list of adapter names, one per row; got {adapter_names!r}"
+            )
+        names = list(adapter_names)
+        self._check_exists(sorted({n for n in names if n != BASE_ROW}, key=str))
+        if self.adapters_disabled:
+            raise ValueError("adapter_names= while adapters are disabled: enable_adapter_layers() first")
+        if merged := sorted({a for _, host in self.adapter_hosts() for a in host.merged_adapters}):
+            raise ValueError(
+                f"adapter_names= while adapters {merged} are merged into the weights: unmerge_adapter() first"
+            )
+        for name, host in self.adapter_hosts():
+            if isinstance(host, ModuleAdapters) and (inside := sorted(set(names) & set(host.adapters))):
+                methods = sorted({m for a in inside for m in host.adapters[a]})
+                raise ValueError(
+                    f"adapters {inside} act inside module {name!r} ({', '.join(methods)}), which cannot be chosen per "
+                    "row of a batch; run those rows as a separate batch after set_adapter()"
+                )
         wrappers = [m for _, m in self.adapter_hosts()] + [m for _, m in self.saved_modules()]
         for m in wrappers:
-            m.disabled = True
+            m.batch_adapters = names
         try:
             yield
         finally:
             for m in wrappers:
-                m.disabled = False
+                m.batch_adapters = None
 
     # -- merging --------------------------------------------------------------------------
     def _unmergeable(self, adapters: list[str]) -> dict[str, list[str]]:
@@ -252,14 +382,20 @@ class PeftModel(nn.Module):
                 found[name] = methods
         return found
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, keep_unmergeable: bool = False) -> set[str]:
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, keep_unmergeable: bool = False, safe_merge: bool = False
+    ) -> set[str]:
         """Fold adapters (default: the active ones) into the base weights; all or nothing.
 
         Modules carrying a delta that cannot merge (Coeff-Tuning, SURM adapters) make this an
         error, unless ``keep_unmergeable``: then those modules are left as they are and still act.
-        Returns the paths of the modules so kept.
+        Returns the paths of the modules so kept. Every merge checks the new weights and biases are
+        finite before writing them, so HF PEFT's ``safe_merge=True`` is what always happens (the flag is
+        accepted for compatibility). A refused or failed merge restores the weights bit for bit, from a
+        copy of the weights it writes, held in CPU memory while it runs.
         """
-        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        del safe_merge  # always safe, see above
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or self.active_adapters)
         self._check_exists(names)
         kept = self._unmergeable(names)
         if kept and not keep_unmergeable:
@@ -268,31 +404,61 @@ class PeftModel(nn.Module):
                 f"cannot merge: these modules carry deltas that do not fold into weights: {listing}. Nothing was "
                 "merged. Pass keep_unmergeable=True to merge the rest and keep these modules adapted."
             )
-        merged: list[tuple[AdapterHost, str]] = []
+        hosts = [(n, h) for n, h in self.adapter_hosts() if n not in kept and any(a in h.adapters for a in names)]
+        self._check_untied([(n, h) for n, h in hosts if isinstance(h, AdaptedLayer)])
+        # A snapshot, not a subtraction (w + Δ - Δ is not w in floating point), kept in CPU memory so
+        # that merging a large model on an accelerator does not need twice the memory there.
+        snapshot = [(h, h.merged_adapters[:], [t.detach().to("cpu", copy=True) for t in _weights(h)]) for _, h in hosts]
+        failing = ""
         try:
             # Backwards through the model: a delta may read another layer's frozen weight (Kernel-mix's
             # V reads the key projection, which comes earlier), so that layer must still be unmerged.
             # unmerge_adapter() then runs forwards, restoring the earlier layers first.
-            for name, host in reversed(list(self.adapter_hosts())):
-                if name not in kept:
-                    merged += [(host, a) for a in names if host.merge(a)]
-        except Exception:
-            for host, a in reversed(merged):  # all or nothing, also when a merge fails midway
-                host.unmerge(a)
+            for name, host in reversed(hosts):
+                failing = name
+                for a in names:
+                    host.merge(a)
+        except BaseException as e:  # also an interrupt or out-of-memory: never leave half a merge
+            with torch.no_grad():
+                for host, merged, saved in snapshot:
+                    for tensor, value in zip(_weights(host), saved):
+                        tensor.copy_(value)
+                    host.merged_adapters[:] = merged
+            if isinstance(e, ValueError):
+                raise ValueError(f"cannot merge into module {failing!r}: {e}. Nothing was merged.") from e
             raise
         return set(kept)
+
+    def _check_untied(self, hosts: list[tuple[str, AdaptedLayer]]) -> None:
+        """Refuse to merge into a weight that another module shares (tied input and output embeddings):
+        the merge would silently change that module too."""
+        sharing: dict[int, list[str]] = {}
+        for param_name, param in self.base_model.named_parameters(remove_duplicate=False):
+            sharing.setdefault(id(param), []).append(param_name)
+        for name, host in hosts:
+            others = [p for p in sharing.get(id(host.base_layer.weight), []) if not p.startswith(name + ".")]
+            if others:
+                raise ValueError(
+                    f"cannot merge into module {name!r}: its weight is shared with {', '.join(others)} (tied "
+                    "embeddings), which the merge would change too. Nothing was merged. Use the adapter unmerged, "
+                    "or untie first (give the other module its own copy of the weight and set "
+                    "config.tie_word_embeddings=False)"
+                )
 
     def unmerge_adapter(self) -> None:
         for _, host in self.adapter_hosts():
             host.unmerge()
 
-    def merge_and_unload(self, keep_unmergeable: bool = False) -> nn.Module:
-        """Fold the active adapters into the weights and return the base model without wrappers.
+    def merge_and_unload(
+        self, keep_unmergeable: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Fold adapters (default: the active ones) into the weights and return the base model without wrappers.
 
         With ``keep_unmergeable=True`` the modules whose deltas cannot merge keep them (and keep
-        acting); every other module is merged and unwrapped.
+        acting); every other module is merged and unwrapped. ``safe_merge`` as in merge_adapter().
         """
-        return self.unload(keep=self.merge_adapter(keep_unmergeable=keep_unmergeable))
+        kept = self.merge_adapter(adapter_names, keep_unmergeable=keep_unmergeable, safe_merge=safe_merge)
+        return self.unload(keep=kept)
 
     def unload(self, keep: set[str] = frozenset()) -> nn.Module:
         """Return the base model with every wrapper removed (unmerged deltas are dropped), but for
@@ -330,7 +496,11 @@ class PeftModel(nn.Module):
     def load_adapter(
         self, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False
     ) -> None:
-        """Load a saved adapter under ``adapter_name``; on any error the model is left as it was."""
+        """Load a saved adapter under ``adapter_name``; on any error the model is left as it was.
+
+        ``is_trainable=False`` (the default, as in HF PEFT) loads it frozen and puts the model in eval mode.
+        """
+        check_adapter_name(adapter_name)
         configs, tensors = checkpoint.read_adapter(path)
         try:
             plan = self.plan_adapter(adapter_name, configs)
@@ -347,6 +517,8 @@ class PeftModel(nn.Module):
         self.attach_adapter(adapter_name, configs, plan)
         for name, state in heads.items():
             get_submodule(self.base_model, name).copies[adapter_name].load_state_dict(state)
+        if not is_trainable:
+            self.eval()
 
     @classmethod
     def from_pretrained(
@@ -357,6 +529,21 @@ class PeftModel(nn.Module):
         with _frozen_base(model):
             self.load_adapter(path, adapter_name, is_trainable=is_trainable)
         return self
+
+
+def _weights(host: AdapterHost) -> list[torch.Tensor]:
+    """The base tensors a merge into ``host`` writes (none for a host that does not merge)."""
+    if not isinstance(host, AdaptedLayer):
+        return []
+    return [t for t in (host.base_layer.weight, getattr(host.base_layer, "bias", None)) if t is not None]
+
+
+def _check_not_adapted(model: nn.Module) -> None:
+    if isinstance(model, PeftModel) or any(isinstance(m, AdapterHost | ModulesToSave) for m in model.modules()):
+        raise ValueError(
+            f"this {type(model).__name__} already holds structpeft adapters; add another one to its PeftModel "
+            "with model.add_adapter(name, config), or load_adapter(path, name) for a saved one, then set_adapter(name)"
+        )
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from structpeft.core.config import AdapterConfig, register_method
+from structpeft.core.config import AdapterConfig, check_probability, register_method
 from structpeft.core.layers import LayerGeometry
 
 
@@ -38,8 +38,9 @@ class FloraConfig(AdapterConfig):
         if isinstance(self.r, tuple):
             self.r = list(self.r)
         ranks = self.r if isinstance(self.r, list) else [self.r]
-        if not ranks or any(int(r) != r or r <= 0 for r in ranks):
+        if not ranks or any(r <= 0 for r in ranks):
             raise ValueError(f"FLoRA ranks must be positive integers, got r={self.r!r}")
+        check_probability(self, "dropout")
         if self.factor_init not in ("kaiming", "orthogonal"):
             raise ValueError(f"factor_init must be 'kaiming' or 'orthogonal', got {self.factor_init!r}")
 

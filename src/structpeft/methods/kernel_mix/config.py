@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from structpeft.core.config import AdapterConfig, register_method
+from structpeft.core.config import AdapterConfig, check_probability, register_method
 
 INITS = ("zero", "paper")
 
@@ -42,6 +42,7 @@ class KernelMixConfig(AdapterConfig):
         super().__post_init__()
         if self.init not in INITS:
             raise ValueError(f"Kernel-mix init must be one of {INITS}, got {self.init!r}")
+        check_probability(self, "dropout")
         ranks = {"r_q": self.r_q, "r_v": self.r_v, "r_q_shared": self.r_q_shared, "r_v_shared": self.r_v_shared}
         if any(r < 0 for r in ranks.values()) or self.r_q + self.r_q_shared + self.r_v + self.r_v_shared == 0:
             raise ValueError(f"Kernel-mix ranks must be >= 0 and not all 0, got {ranks}")

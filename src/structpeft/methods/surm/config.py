@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from structpeft.core.config import AdapterConfig, register_method
+from structpeft.core.config import AdapterConfig, check_probability, register_method
 
 STRUCTURES = ("circulant", "toeplitz", "sym_toeplitz", "kronecker", "ldr")
 MODES = ("lora", "adapter")
@@ -56,6 +56,7 @@ class SurmConfig(AdapterConfig):
         ):
             if value not in allowed:
                 raise ValueError(f"SurmConfig {name}={value!r}; choose one of {', '.join(allowed)}")
+        check_probability(self, "dropout")
         if self.rank <= 0:
             raise ValueError(f"SurmConfig rank must be positive, got {self.rank}")
         if self.kronecker_shape is not None:
