@@ -128,8 +128,13 @@ def test_evaluate_reproduces_the_runs_test_accuracy(assets, tmp_path, capsys) ->
 def test_set_routes_fields_and_refuses_what_no_method_has(assets, tmp_path, capsys) -> None:
     from structpeft.workflow.recipes import route_settings
 
-    assert route_settings(["coeff", "lora"], {"dropout": "0.1"}) == {"coeff": {"dropout": 0.1}, "lora": {"dropout": 0.1}}
-    assert route_settings(["surm"], {"target_modules": "query,value"}) == {"surm": {"target_modules": ["query", "value"]}}
+    assert route_settings(["coeff", "lora"], {"dropout": "0.1"}) == {
+        "coeff": {"dropout": 0.1},
+        "lora": {"dropout": 0.1},
+    }
+    assert route_settings(["surm"], {"target_modules": "query,value"}) == {
+        "surm": {"target_modules": ["query", "value"]}
+    }
     code, _ = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "coeff",
                        "--set", "r=16")  # fmt: skip
     err = capsys.readouterr().err
@@ -174,7 +179,9 @@ def test_causal_lm_fine_tune_and_generate(assets, tmp_path, capsys, decoder) -> 
     assert main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "user : good film",
                  "--max-new-tokens", "3"]) == 0  # fmt: skip
     words = capsys.readouterr().out.split()
-    assert 1 <= len(words) <= 3 and all(w in fx.POSITIVE + fx.NEGATIVE + fx.FILLER + ["user", "bot", ":"] for w in words)
+    assert 1 <= len(words) <= 3 and all(
+        w in fx.POSITIVE + fx.NEGATIVE + fx.FILLER + ["user", "bot", ":"] for w in words
+    )
 
 
 def test_budget_finds_the_rank_for_a_parameter_count(assets, capsys) -> None:

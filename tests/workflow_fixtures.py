@@ -51,8 +51,9 @@ def save_decoder(folder: Path, kind: str) -> Path:
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     else:
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))  # fmt: skip
+        config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+        model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
     make_tokenizer(folder)
     return folder

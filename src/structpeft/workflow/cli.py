@@ -71,6 +71,14 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
     p.add_argument("--out", default=None, help="run folder (default runs/<model>-<task>-<method>-<time>)")
     p.add_argument("--results", default="runs/results.jsonl", help="every finished run appends a row here")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="write a training checkpoint (weights, optimizer, RNG, data position) every STEPS steps",
+    )
+    p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 import structpeft as sp
 from structpeft.workflow import recipes, results
+from structpeft.workflow.checkpointing import CHECKPOINT_DIR
 from structpeft.workflow.models import LoadedModel, check_model_ref, load_model
 from structpeft.workflow.tasks import TASK_TYPES, Task, check_task_ref, load_task
 from structpeft.workflow.train import (
@@ -75,6 +76,8 @@ class RunSpec:
     out: str | None = None
     results: str = "runs/results.jsonl"
     progress: str = "auto"
+    save_every: int | None = None  # optimizer steps between training checkpoints (and each epoch's end)
+    resume: bool = False
 
 
 def check_spec(spec: RunSpec) -> None:
@@ -91,6 +94,10 @@ def check_spec(spec: RunSpec) -> None:
             continue
         if not math.isfinite(value) or (low is not None and value <= low) or value < 0:
             raise UsageError(f"--{name} must be a finite number{' > 0' if low is not None else ' >= 0'}, got {value}")
+    if spec.save_every is not None and spec.save_every < 1:
+        raise UsageError(f"--save-every must be a positive number of steps, got {spec.save_every}")
+    if spec.resume and (spec.out is None or not (Path(spec.out) / CHECKPOINT_DIR).is_dir()):
+        raise UsageError(f"--resume needs --out naming a run folder with a {CHECKPOINT_DIR}/ (written by --save-every)")
     if not 0 <= spec.warmup_ratio < 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1), got {spec.warmup_ratio}")
     if not (0 < spec.val_size < 1 or (spec.val_size >= 1 and float(spec.val_size).is_integer())):
@@ -156,6 +163,8 @@ def save_trained(model: nn.Module, out: Path) -> None:
 
 def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     check_spec(spec)
+    if spec.resume and spec.save_every is None:  # go on saving as the interrupted run did
+        spec.save_every = _spec_of(Path(spec.out)).save_every
     task, loaded = _load(spec)
     recipe = recipes.build_recipe(spec.method, loaded.family, spec.settings, loaded.model, loaded.head)
     model = recipe.adapt(loaded.model, loaded.head)
@@ -183,7 +192,9 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     results.write_json(out / results.RUN_FILE, row)
     log = RunLog()
     try:
-        fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out))
+        fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out),
+            checkpoint=out / CHECKPOINT_DIR, save_every=spec.save_every,
+            resume=spec.resume)  # fmt: skip
         row["test"] = evaluate(model, loaded, task, "test", settings, progress=bar_mode(settings.progress) == "bar")
         row["status"] = "finished"
     except BaseException as e:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from structpeft.workflow.checkpointing import Position, has_checkpoint, load_checkpoint, save_checkpoint
 from structpeft.workflow.models import LoadedModel
 from structpeft.workflow.tasks import IGNORE_INDEX, Task, collate_causal_lm, collate_images
 
@@ -139,9 +141,17 @@ def fit(
     settings: TrainSettings,
     log: RunLog,
     on_best: Callable[[int], None] | None = None,
+    checkpoint: Path | None = None,
+    save_every: int | None = None,
+    resume: bool = False,
 ) -> RunLog:
     """Train on ``task.train``; score ``task.val`` after each epoch; end with the best epoch's
-    trainable weights in ``model`` (``on_best(epoch)`` runs whenever a new best is reached)."""
+    trainable weights in ``model`` (``on_best(epoch)`` runs whenever a new best is reached).
+
+    With ``checkpoint`` and ``save_every``, a training checkpoint is written every that many
+    optimizer steps and at each epoch's end; ``resume`` goes on from the one found there, to the
+    same result as an uninterrupted run (bit for bit on CPU).
+    """
     device = resolve_device(settings.device)
     model.to(device)
     forward = torch.compile(model) if settings.compile else model
@@ -157,14 +167,33 @@ def fit(
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
     best_state: dict[str, torch.Tensor] | None = None
+    position, restored = Position(0, 0, generator.get_state()), False
+    if resume and checkpoint is not None and has_checkpoint(checkpoint):
+        position, best_state = load_checkpoint(checkpoint, model, optimizer, schedule, log)
+        restored = True
+        print(f"resuming from {checkpoint} at step {log.steps} (epoch {position.epoch + 1})", flush=True)
     mode = bar_mode(settings.progress)
-    bar = tqdm(total=total, desc="train", unit="step", disable=mode != "bar", dynamic_ncols=True)
-    start = time.perf_counter()
+    bar = tqdm(total=total, initial=log.steps, desc="train", unit="step", disable=mode != "bar", dynamic_ncols=True)
+    start = time.perf_counter() - log.train_seconds
+
+    def save(epoch: int, batches_done: int, generator_state: torch.Tensor, epoch_loss: float) -> None:
+        if checkpoint is not None and save_every:
+            state = Position(epoch, batches_done, generator_state, epoch_loss)
+            save_checkpoint(checkpoint, model, optimizer, schedule, state, log, best_state)
+
     try:
-        for epoch in range(settings.epochs):
+        for epoch in range(position.epoch, settings.epochs):
             model.train()
-            epoch_loss, epoch_batches, epoch_start, step_start = 0.0, 0, time.perf_counter(), time.perf_counter()
+            if restored and epoch == position.epoch:  # the same shuffle as the interrupted epoch's
+                generator.set_state(position.epoch_generator_state)
+            resuming = restored and epoch == position.epoch and position.batches_done > 0
+            epoch_generator_state = generator.get_state()
+            skip = position.batches_done if resuming else 0
+            epoch_loss = position.epoch_loss if resuming else 0.0
+            epoch_batches, epoch_start, step_start = skip, time.perf_counter(), time.perf_counter()
             for i, batch in enumerate(loader):
+                if i < skip:
+                    continue
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with _autocast(device, settings.bf16):
                     loss, _ = loss_of(loaded.logits(forward, batch), batch["labels"], task.kind)
@@ -186,8 +215,11 @@ def fit(
                 bar.update()
                 bar.set_postfix(
                     epoch=epoch + 1, loss=f"{epoch_loss / epoch_batches:.4f}",
-                    ex_s=f"{epoch_batches * settings.batch_size / (step_start - epoch_start):.1f}",
+                    ex_s=f"{(epoch_batches - skip) * settings.batch_size / (step_start - epoch_start):.1f}",
                 )  # fmt: skip
+                if save_every and log.steps % save_every == 0:
+                    log.train_seconds = time.perf_counter() - start
+                    save(epoch, i + 1, epoch_generator_state, epoch_loss)
             log.train_seconds = time.perf_counter() - start
             val = evaluate(model, loaded, task, "val", settings, progress=mode == "bar")
             row = {"epoch": epoch + 1, "step": log.steps, "train_loss": epoch_loss / max(epoch_batches, 1)}
@@ -205,6 +237,7 @@ def fit(
                 best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 if on_best is not None:
                     on_best(epoch + 1)
+            save(epoch + 1, 0, generator.get_state(), 0.0)
     finally:
         bar.close()
         log.train_seconds = time.perf_counter() - start
