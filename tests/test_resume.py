@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests import workflow_fixtures as fx
@@ -72,3 +73,27 @@ def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys) -> None:
 
     assert main(["finetune", "--resume", "--out", str(tmp_path / "nothing")]) == 2
     assert "--resume needs --out naming a run folder" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_train_as_one(tmp_path) -> None:
+    """DDP over 2 gloo processes with the same global batch and seed gives the one-process adapter
+    (no dropout anywhere: the ranks draw other random numbers than one process does)."""
+    model = fx.save_text_encoder(tmp_path / "bert", dropout=0.0)
+    data = fx.write_csv(tmp_path / "reviews.csv", fx.sentences(60))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["--model", str(model), "--task", str(data), "--method", "coeff+lora", "--batch-size", "7",
+             "--val-size", "8", "--lr", "0.01", "--set", "dropout=0", "--quiet"]  # fmt: skip
+    one = [sys.executable, "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "one")]
+    subprocess.run([*one, "--results", str(tmp_path / "r1.jsonl")], check=True, env=env, capture_output=True)
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "two"),
+           "--results", str(tmp_path / "r2.jsonl")]  # fmt: skip
+    done = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any((t != 0).any() for t in a.values())
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5, rtol=1e-4), name
+    assert len((tmp_path / "r2.jsonl").read_text().splitlines()) == 1  # only rank 0 writes
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2

@@ -33,12 +33,13 @@ def make_tokenizer(folder: Path):
     return tokenizer
 
 
-def save_text_encoder(folder: Path) -> Path:
+def save_text_encoder(folder: Path, dropout: float = 0.1) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)  # fmt: skip
     BertModel(config).save_pretrained(folder)
     make_tokenizer(folder)
     return folder

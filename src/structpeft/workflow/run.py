@@ -25,6 +25,7 @@ from torch import nn
 import structpeft as sp
 from structpeft.workflow import recipes, results
 from structpeft.workflow.checkpointing import CHECKPOINT_DIR
+from structpeft.workflow.distributed import launched_processes
 from structpeft.workflow.models import LoadedModel, check_model_ref, load_model
 from structpeft.workflow.tasks import TASK_TYPES, Task, check_task_ref, load_task
 from structpeft.workflow.train import (
@@ -163,6 +164,9 @@ def save_trained(model: nn.Module, out: Path) -> None:
 
 def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     check_spec(spec)
+    processes = launched_processes()
+    if processes.distributed and spec.out is None:
+        raise UsageError("give --out when launching several processes (they must agree on one run folder)")
     if spec.resume and spec.save_every is None:  # go on saving as the interrupted run did
         spec.save_every = _spec_of(Path(spec.out)).save_every
     task, loaded = _load(spec)
@@ -171,31 +175,38 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     settings = _settings(spec, recipe)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = Path(spec.out or f"runs/{Path(spec.model).name}-{task.name}-{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(spec.device, processes)
+    if processes.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     lrs = ", ".join([f"lr {settings.lr:g}"] + [f"{k} lr {v:g}" for k, v in settings.lr_by_method.items()])
-    print(
-        f"{spec.method} on {loaded.ref} ({loaded.family}) | {task.name}: {task.kind}, "
-        f"train {len(task.train)} / val {len(task.val)} / test {len(task.test)} | trainable {trainable:,} | "
-        f"{lrs} | {resolve_device(spec.device)} -> {out}",
-        flush=True,
-    )
+    where = f"{device}" + (f" x {processes.world} processes" if processes.distributed else "")
+    if processes.is_main:
+        print(
+            f"{spec.method} on {loaded.ref} ({loaded.family}) | {task.name}: {task.kind}, "
+            f"train {len(task.train)} / val {len(task.val)} / test {len(task.test)} | trainable {trainable:,} | "
+            f"{lrs} | {where} -> {out}",
+            flush=True,
+        )
     row: dict[str, Any] = {
         "status": "running", "model": loaded.ref, "family": loaded.family, "task": task.name, "kind": task.kind,
         "method": spec.method, "seed": spec.seed, "lr": settings.lr, "lr_by_method": settings.lr_by_method,
         "recipe": recipe.describe(), "trainable_params": trainable,
         "total_params": sum(p.numel() for p in model.parameters()), "train_examples": len(task.train),
         "val_examples": len(task.val), "test_examples": len(task.test), "labels": task.label_names,
-        "data": task.source, "data_fingerprint": task.fingerprint(), "device": str(resolve_device(spec.device)),
+        "data": task.source, "data_fingerprint": task.fingerprint(), "device": str(device),
+        "processes": processes.world,
         "versions": _versions(), "command": shlex.join(command) if command is not None else None,
         "spec": dataclasses.asdict(spec),
     }  # fmt: skip
-    results.write_json(out / results.RUN_FILE, row)
+    if processes.is_main:
+        results.write_json(out / results.RUN_FILE, row)
     log = RunLog()
     try:
         fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out),
             checkpoint=out / CHECKPOINT_DIR, save_every=spec.save_every,
-            resume=spec.resume)  # fmt: skip
-        row["test"] = evaluate(model, loaded, task, "test", settings, progress=bar_mode(settings.progress) == "bar")
+            resume=spec.resume, processes=processes)  # fmt: skip
+        show = processes.is_main and bar_mode(settings.progress) == "bar"
+        row["test"] = evaluate(model, loaded, task, "test", settings, progress=show, processes=processes)
         row["status"] = "finished"
     except BaseException as e:
         row.update(
@@ -205,10 +216,13 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
             raise RunFailed(f"{type(e).__name__}: {e} (after {log.steps} steps; what there was is in {out})") from e
         raise
     finally:
-        row.update(log.summary(), history=log.history, val=log.best_val, **peak_memory_mib(resolve_device(spec.device)))
-        results.write_json(out / results.METRICS_FILE, row)
-        if log.losses or log.history:
-            results.plot_curves(log.losses, log.history, out / results.CURVES_FILE)
+        row.update(log.summary(), history=log.history, val=log.best_val, **peak_memory_mib(device))
+        if processes.is_main:
+            results.write_json(out / results.METRICS_FILE, row)
+            if log.losses or log.history:
+                results.plot_curves(log.losses, log.history, out / results.CURVES_FILE)
+    if not processes.is_main:
+        return row
     results.append_result(Path(spec.results), {**row, "out": str(out)})
     metric, value = results.headline(row)
     print(

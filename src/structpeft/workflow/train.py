@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from structpeft.workflow.checkpointing import Position, has_checkpoint, load_checkpoint, save_checkpoint
+from structpeft.workflow.distributed import ONE_PROCESS, GlobalBatches, Processes, global_count
 from structpeft.workflow.models import LoadedModel
 from structpeft.workflow.tasks import IGNORE_INDEX, Task, collate_causal_lm, collate_images
 
@@ -68,10 +69,14 @@ class RunLog:
         }
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when there is one, else CPU. Asking for CUDA without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str, processes: Processes = ONE_PROCESS) -> torch.device:
+    """``auto``: CUDA when there is one (this process's GPU under torchrun), else CPU. Asking for
+    CUDA without one is an error."""
+    if name == "auto" or (name == "cuda" and processes.distributed):
+        if torch.cuda.is_available():
+            return torch.device("cuda", processes.local_rank)
+        if name == "auto":
+            return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
@@ -144,6 +149,7 @@ def fit(
     checkpoint: Path | None = None,
     save_every: int | None = None,
     resume: bool = False,
+    processes: Processes = ONE_PROCESS,
 ) -> RunLog:
     """Train on ``task.train``; score ``task.val`` after each epoch; end with the best epoch's
     trainable weights in ``model`` (``on_best(epoch)`` runs whenever a new best is reached).
@@ -151,13 +157,22 @@ def fit(
     With ``checkpoint`` and ``save_every``, a training checkpoint is written every that many
     optimizer steps and at each epoch's end; ``resume`` goes on from the one found there, to the
     same result as an uninterrupted run (bit for bit on CPU).
+
+    Under several ``processes`` each takes its share of every global batch of ``batch_size``; the
+    gradients are averaged by DistributedDataParallel, weighted so that the step equals the
+    one-process step; only the main process saves and shows progress.
     """
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, processes)
     model.to(device)
-    forward = torch.compile(model) if settings.compile else model
+    forward = model
+    if processes.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    forward = torch.compile(forward) if settings.compile else forward
     collate = collate_fn(task, loaded, settings)
     generator = torch.Generator().manual_seed(settings.seed)
-    loader = DataLoader(task.train, settings.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    batches = GlobalBatches(len(task.train), settings.batch_size, generator, processes)
+    loader = DataLoader(task.train, batch_sampler=batches, collate_fn=collate)
     optimizer = _optimizer(model, settings)
     steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
     total = steps_per_epoch * settings.epochs
@@ -172,12 +187,12 @@ def fit(
         position, best_state = load_checkpoint(checkpoint, model, optimizer, schedule, log)
         restored = True
         print(f"resuming from {checkpoint} at step {log.steps} (epoch {position.epoch + 1})", flush=True)
-    mode = bar_mode(settings.progress)
+    mode = bar_mode(settings.progress) if processes.is_main else "none"
     bar = tqdm(total=total, initial=log.steps, desc="train", unit="step", disable=mode != "bar", dynamic_ncols=True)
     start = time.perf_counter() - log.train_seconds
 
     def save(epoch: int, batches_done: int, generator_state: torch.Tensor, epoch_loss: float) -> None:
-        if checkpoint is not None and save_every:
+        if checkpoint is not None and save_every and processes.is_main:
             state = Position(epoch, batches_done, generator_state, epoch_loss)
             save_checkpoint(checkpoint, model, optimizer, schedule, state, log, best_state)
 
@@ -196,10 +211,13 @@ def fit(
                     continue
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with _autocast(device, settings.bf16):
-                    loss, _ = loss_of(loaded.logits(forward, batch), batch["labels"], task.kind)
+                    loss, count = loss_of(loaded.logits(forward, batch), batch["labels"], task.kind)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the loss became {loss.item()} at step {log.steps}: lower --lr")
-                (loss / settings.grad_accum).backward()
+                # DDP averages the ranks' gradients; weighting by this rank's share of the targets
+                # makes that average the gradient of the global batch's mean loss.
+                share = count * processes.world / global_count(count, processes, device)
+                (loss * share / settings.grad_accum).backward()
                 epoch_loss, epoch_batches = epoch_loss + loss.item(), epoch_batches + 1
                 if (i + 1) % settings.grad_accum and i + 1 != len(loader):
                     continue
@@ -221,7 +239,7 @@ def fit(
                     log.train_seconds = time.perf_counter() - start
                     save(epoch, i + 1, epoch_generator_state, epoch_loss)
             log.train_seconds = time.perf_counter() - start
-            val = evaluate(model, loaded, task, "val", settings, progress=mode == "bar")
+            val = evaluate(model, loaded, task, "val", settings, progress=mode == "bar", processes=processes)
             row = {"epoch": epoch + 1, "step": log.steps, "train_loss": epoch_loss / max(epoch_batches, 1)}
             row.update({f"val_{k}": v for k, v in val.items()})
             log.history.append(row)
@@ -235,7 +253,7 @@ def fit(
             if log.best_epoch is None or _better(val, log.best_val):
                 log.best_epoch, log.best_val = epoch + 1, val
                 best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                if on_best is not None:
+                if on_best is not None and processes.is_main:
                     on_best(epoch + 1)
             save(epoch + 1, 0, generator.get_state(), 0.0)
     finally:
@@ -255,10 +273,17 @@ def _better(new: dict[str, float], old: dict[str, float]) -> bool:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, loaded: LoadedModel, task: Task, split: str, settings: TrainSettings, progress: bool = False
+    model: nn.Module,
+    loaded: LoadedModel,
+    task: Task,
+    split: str,
+    settings: TrainSettings,
+    progress: bool = False,
+    processes: Processes = ONE_PROCESS,
 ) -> dict[str, float]:
-    """Accuracy and loss for classification; loss and perplexity (per target token) for causal LM."""
-    device = resolve_device(settings.device)
+    """Accuracy and loss for classification; loss and perplexity (per target token) for causal LM.
+    (Every process scores the whole split, so all agree on the best epoch.)"""
+    device = resolve_device(settings.device, processes)
     model.to(device).eval()
     examples: Sequence[dict] = task.split(split)
     loader = DataLoader(examples, settings.eval_batch_size, collate_fn=collate_fn(task, loaded, settings))
