@@ -2,6 +2,7 @@
 
 from structpeft.core.checkpoint import CheckpointError
 from structpeft.core.config import AdapterConfig, register_method
+from structpeft.core.export import ExportReport, LayerExport, export_lora
 from structpeft.core.layers import (
     AdaptedLayer,
     AdapterDelta,
@@ -17,9 +18,12 @@ __all__ = [
     "AdapterConfig",
     "AdapterDelta",
     "CheckpointError",
+    "ExportReport",
+    "LayerExport",
     "LayerGeometry",
     "ModuleAdapters",
     "PeftModel",
+    "export_lora",
     "get_peft_model",
     "layer_geometry",
     "module_host",
