@@ -8,6 +8,8 @@ with Inductor are marked slow. What recompiles is pinned by strict xfail tests (
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -126,39 +128,40 @@ def _two_adapters() -> sp.PeftModel:
     return model
 
 
+def _compilations_across(change) -> int:
+    """Run a compiled two-adapter BERT, apply ``change`` to the model (a context manager, entered
+    for the second call), check the compiled output against eager, and count the compilations."""
+    model = _two_adapters()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        compiled(**_ids())
+        with change(model):
+            assert torch.allclose(compiled(**_ids()).logits, model(**_ids()).logits)  # right, even if recompiled
+    return counter.frame_count
+
+
+@contextlib.contextmanager
+def _switch_to_other(model: sp.PeftModel):
+    model.set_adapter("other")
+    yield
+
+
 def test_several_active_adapters_compile_as_one_graph() -> None:
     model = _two_adapters()
     model.set_adapter(["default", "other"])
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     with torch.no_grad():
-        assert torch.allclose(compiled(**_ids()).logits, _bert_out_of(model))
+        assert torch.allclose(compiled(**_ids()).logits, model(**_ids()).logits)
     assert counter.frame_count == 1
-
-
-def _bert_out_of(model: nn.Module) -> torch.Tensor:
-    return model(**_ids()).logits
 
 
 @pytest.mark.xfail(strict=True, reason="the active adapters are guarded: switching them recompiles (docs/compile.md)")
 def test_switching_adapters_does_not_recompile() -> None:
-    model = _two_adapters()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with torch.no_grad():
-        compiled(**_ids())
-        model.set_adapter("other")
-        assert torch.allclose(compiled(**_ids()).logits, _bert_out_of(model))  # right, but recompiled
-    assert counter.frame_count == 1
+    assert _compilations_across(_switch_to_other) == 1
 
 
 @pytest.mark.xfail(strict=True, reason="disable_adapter() flips a guarded flag: it recompiles (docs/compile.md)")
 def test_disabling_adapters_does_not_recompile() -> None:
-    model = _two_adapters()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    with torch.no_grad():
-        compiled(**_ids())
-        with model.disable_adapter():
-            assert torch.allclose(compiled(**_ids()).logits, _bert_out_of(model))
-    assert counter.frame_count == 1
+    assert _compilations_across(lambda model: model.disable_adapter()) == 1
