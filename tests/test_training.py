@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 import structpeft as sp
 from tests.models import MHANet, _mha_inputs, tiny_bert
+from tests.torchrun import torchrun
 
 
 def test_hf_trainer_trains_only_the_adapter(tmp_path) -> None:
@@ -45,18 +42,7 @@ def test_hf_trainer_trains_only_the_adapter(tmp_path) -> None:
 
 
 def test_torchrun_ddp_keeps_ranks_in_sync_and_saves(tmp_path) -> None:
-    repo = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--standalone",
-        "tests/ddp_worker.py",
-        str(tmp_path),
-    ]
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun("tests/ddp_worker.py", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout
     torch.manual_seed(0)

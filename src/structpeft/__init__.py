@@ -6,6 +6,7 @@ from structpeft.core import (
     AdapterDelta,
     CheckpointError,
     PeftModel,
+    export_lora,
     get_peft_model,
 )
 from structpeft.methods import CoeffConfig, FloraConfig, KernelMixConfig, LoraConfig, SurmConfig
@@ -23,5 +24,6 @@ __all__ = [
     "LoraConfig",
     "PeftModel",
     "SurmConfig",
+    "export_lora",
     "get_peft_model",
 ]

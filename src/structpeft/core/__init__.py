@@ -3,6 +3,7 @@
 from structpeft.core.atomic import atomic_write_dir
 from structpeft.core.checkpoint import CheckpointError
 from structpeft.core.config import AdapterConfig, register_method, registered_methods
+from structpeft.core.export import ExportReport, LayerExport, export_lora
 from structpeft.core.layers import (
     AdaptedLayer,
     AdapterDelta,
@@ -18,10 +19,13 @@ __all__ = [
     "AdapterConfig",
     "AdapterDelta",
     "CheckpointError",
+    "ExportReport",
+    "LayerExport",
     "LayerGeometry",
     "ModuleAdapters",
     "PeftModel",
     "atomic_write_dir",
+    "export_lora",
     "get_peft_model",
     "layer_geometry",
     "module_host",

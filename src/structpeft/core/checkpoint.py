@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from structpeft.core import distributed
 from structpeft.core.atomic import atomic_write_dir, committed_path
 from structpeft.core.config import AdapterConfig, configs_from_dict, configs_to_dict
 from structpeft.core.targets import get_submodule, named_modules, unwrapped
@@ -50,11 +51,13 @@ def adapter_state_dict(model: PeftModel, adapter: str) -> dict[str, torch.Tensor
         if adapter in module.copies:
             for key, value in module.copies[adapter].state_dict().items():
                 state[f"{KEY_PREFIX}{name}.{key}"] = value
-    return state
+    return distributed.full_state(state)  # whole tensors, also from an FSDP2-sharded model
 
 
 def save_adapter(model: PeftModel, adapter: str, directory: str | os.PathLike) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
+    if not distributed.is_writer(model):  # sharded: every rank gathered, rank 0 writes
+        return
     config = configs_to_dict(model.peft_config[adapter], _base_model_name(model.base_model))
     text = json.dumps(config, indent=2, allow_nan=False) + "\n"
     with atomic_write_dir(directory) as staging:

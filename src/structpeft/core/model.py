@@ -480,6 +480,14 @@ class PeftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
+    # -- export ---------------------------------------------------------------------------
+    def export_lora(self, path: str | os.PathLike, **options: Any) -> Any:
+        """Write an adapter as a plain HF PEFT LoRA (truncated SVD of each layer's ΔW); returns the
+        per-layer error report. Options: see :func:`structpeft.core.export.export_lora`."""
+        from structpeft.core.export import export_lora
+
+        return export_lora(self, path, **options)
+
     # -- checkpoints ----------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.

@@ -47,6 +47,7 @@ class FloraDelta(AdapterDelta):
         self.kind = geo.kind
         self.groups = geo.groups
         self._stride = tuple(getattr(layer, "stride", ()))
+        self._kernel_volume = math.prod(geo.weight_shape[2:])  # fixed; a product over the factors broke compile
         self.ranks = config.ranks_for(geo, name)
         self.scaling = config.alpha / self.ranks[0]
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -93,8 +94,7 @@ class FloraDelta(AdapterDelta):
         r_in·r_out·K. Small kernels (1x1) and small C_in favour folding; large 3x3 layers do not.
         """
         c_in, r_out, r_in = x.shape[1], self.ranks[0], self.ranks[1]
-        kernel_volume = math.prod(u.shape[0] for u in self.flora_factors[2:])
-        strides = math.prod(self._stride)
+        kernel_volume, strides = self._kernel_volume, math.prod(self._stride)
         return c_in * r_out * kernel_volume <= c_in * r_in * strides + r_in * r_out * kernel_volume
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:

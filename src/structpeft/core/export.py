@@ -1,0 +1,350 @@
+"""Export any mergeable adapter as a plain HF PEFT LoRA, for servers that read only LoRA.
+
+Each adapted layer's update ΔW (the sum of the adapter's deltas on that layer, whatever the
+methods) is factored by a truncated SVD, ``ΔW ≈ U_k S_k V_k^T``, and written as ``lora_B = U_k S_k``,
+``lora_A = V_k^T`` with ``lora_alpha = r`` (scale 1), in HF PEFT's key layout. Conv layers become
+PEFT's conv LoRA: the SVD runs over ΔW as a (C_out) x (C_in·k..) matrix, so ``lora_A`` is a
+(r, C_in, k..) kernel and ``lora_B`` a 1x1 conv. The relative Frobenius error of each layer's ΔW,
+``||ΔW - BA||_F / ||ΔW||_F``, is reported.
+
+Refused, with the reason: deltas that act on attention maps or on a layer's output (they have no
+ΔW), grouped convs (PEFT's grouped-conv LoRA reads every input channel in ``lora_A`` and PEFT
+cannot merge it), convs with dilation or a non-zero padding mode (PEFT's ``lora_A`` conv drops
+both, so it would compute something else than ΔW), and updates with a bias part unless
+``lora_bias=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import save_file
+
+from structpeft.core import distributed
+from structpeft.core.atomic import atomic_write_dir
+from structpeft.core.checkpoint import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, _base_model_name
+from structpeft.core.layers import AdaptedLayer, LayerGeometry
+
+if TYPE_CHECKING:
+    from structpeft.core.model import PeftModel
+
+VLLM_RANKS = (8, 16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """How one layer was exported: its LoRA rank and the relative error of its ΔW."""
+
+    name: str
+    kind: str  # "linear" | "conv" | "embedding"
+    rank: int
+    full_rank: int  # min of ΔW's two matrix dimensions: the rank that loses nothing
+    relative_error: float  # ||ΔW - B A||_F / ||ΔW||_F (0 for a zero ΔW)
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_lora` wrote: one :class:`LayerExport` per layer and the heads kept whole."""
+
+    path: Path
+    layers: list[LayerExport]
+    modules_to_save: list[str] = field(default_factory=list)
+    lora_bias: bool = False
+
+    @property
+    def max_relative_error(self) -> float:
+        return max((layer.relative_error for layer in self.layers), default=0.0)
+
+    def __str__(self) -> str:
+        width = max((len(layer.name) for layer in self.layers), default=5)
+        lines = [f"LoRA export to {self.path}", f"{'layer':<{width}}  kind       rank / full  rel. error of ΔW"]
+        for layer in self.layers:
+            lines.append(
+                f"{layer.name:<{width}}  {layer.kind:<9}  {layer.rank:>4} / {layer.full_rank:<4}  "
+                f"{layer.relative_error:.3e}"
+            )
+        lines.append(f"max relative error {self.max_relative_error:.3e}")
+        if self.modules_to_save:
+            lines.append(f"kept whole (modules_to_save): {', '.join(self.modules_to_save)}")
+        return "\n".join(lines)
+
+
+def export_lora(
+    model: PeftModel,
+    path: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    adapter_name: str | None = None,
+    uniform_rank: bool = False,
+    lora_bias: bool = False,
+    dtype: torch.dtype | None = None,
+) -> ExportReport:
+    """Write ``adapter_name`` (default: the only active adapter) as an HF PEFT LoRA in ``path``.
+
+    rank: keep this many singular values per layer (fewer where ΔW has fewer).
+    energy: per layer, the smallest rank keeping this fraction of ΔW's squared singular values.
+    uniform_rank: one rank for every layer, the smallest of vLLM's ranks (8, 16, ..., 256) that is at
+        least every layer's rank from ``rank`` / ``energy``; layers whose ΔW has lower rank are
+        padded with zero components.
+    lora_bias: write a bias part of the update (Kernel-mix's head biases) as PEFT's ``lora_bias``
+        (a bias on ``lora_B``, read by fewer servers); without it such an adapter is refused.
+    dtype: of the written tensors; default each layer's weight dtype.
+
+    Under FSDP2, call it on every rank: the sharded parameters are gathered, rank 0 writes.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("export_lora needs exactly one of rank=r (singular values kept) or energy=e (in (0, 1])")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"export rank must be a positive integer, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], the fraction of squared singular values kept; got {energy}")
+    adapter = _pick_adapter(model, adapter_name)
+    layers = _layers_to_export(model, adapter, lora_bias)
+
+    with distributed.unsharded(model), torch.no_grad():
+        factored = {name: _factor(name, layer, adapter, dtype) for name, layer in layers.items()}
+    spectra = {name: f.singular_values for name, f in factored.items()}
+    ranks = {name: _chosen_rank(s, rank, energy) for name, s in spectra.items()}
+    if uniform_rank:
+        common = _vllm_rank(max(ranks.values(), default=1))
+        ranks = dict.fromkeys(ranks, common)
+
+    tensors: dict[str, torch.Tensor] = {}
+    report: list[LayerExport] = []
+    for name, f in factored.items():
+        r = ranks[name]
+        a, b = f.lora_factors(r)
+        geo = layers[name].geometry
+        if geo.kind == "embedding":
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_A"] = a.reshape(r, -1)
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_B"] = b
+        else:
+            tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
+            tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
+        if lora_bias and geo.kind != "embedding":  # PEFT then gives every lora_B a bias
+            tensors[f"{KEY_PREFIX}{name}.lora_B.bias"] = (f.bias if f.bias is not None else b.new_zeros(len(b))).to(
+                b.dtype
+            )
+        report.append(LayerExport(name, geo.kind, r, len(f.singular_values), _relative_error(f.singular_values, r)))
+
+    tensors.update(_modules_to_save(model, adapter))
+    saved_names = [name for name, module in model.saved_modules() if adapter in module.copies]
+    config = _peft_config(model, layers, ranks, saved_names, lora_bias)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if distributed.is_writer(model):
+        _write(Path(path), config, tensors)
+    return ExportReport(Path(path), report, saved_names, lora_bias)
+
+
+# -- what is exported ---------------------------------------------------------------------------
+def _pick_adapter(model: PeftModel, adapter_name: str | None) -> str:
+    if adapter_name is not None:
+        model._check_exists([adapter_name])
+        return adapter_name
+    if len(model.active_adapters) != 1:
+        raise ValueError(
+            f"export_lora writes one adapter and {len(model.active_adapters)} are active "
+            f"({model.active_adapters}); pass adapter_name=..."
+        )
+    return model.active_adapters[0]
+
+
+def _layers_to_export(model: PeftModel, adapter: str, lora_bias: bool) -> dict[str, AdaptedLayer]:
+    """The layers carrying ``adapter``, after checking that each can be written as a PEFT LoRA."""
+    refused: list[str] = []
+    layers: dict[str, AdaptedLayer] = {}
+    for name, host in model.adapter_hosts():
+        if adapter not in host.adapters:
+            continue
+        deltas = host.adapters[adapter]
+        inside = [m for m, d in deltas.items() if d.acts_inside or not d.mergeable]
+        if inside:
+            refused.append(
+                f"{name} ({', '.join(inside)}): acts on attention maps or on the layer's output, so it has no "
+                "weight update ΔW to factor"
+            )
+            continue
+        assert isinstance(host, AdaptedLayer)
+        if host.merged_adapters:
+            refused.append(f"{name}: adapters {host.merged_adapters} are merged into it; unmerge_adapter() first")
+            continue
+        if (why := _conv_refusal(host)) is not None:
+            refused.append(f"{name}: {why}")
+            continue
+        layers[name] = host
+    if refused:
+        raise ValueError(
+            f"cannot export adapter {adapter!r} as a plain LoRA: " + "; ".join(refused) + ". Nothing was written."
+        )
+    if not layers:
+        raise ValueError(f"adapter {adapter!r} adapts no layer; there is no LoRA to export")
+    if not lora_bias:
+        with distributed.unsharded(model), torch.no_grad():
+            biased = [n for n, layer in layers.items() if _bias_delta(layer, adapter) is not None]
+        if biased:
+            raise ValueError(
+                f"adapter {adapter!r} also shifts the biases of {', '.join(biased)} (e.g. Kernel-mix's head "
+                "biases), which a plain LoRA cannot carry. Pass lora_bias=True to write them as PEFT's lora_bias "
+                "(a bias on lora_B). Nothing was written."
+            )
+    return layers
+
+
+def _conv_refusal(layer: AdaptedLayer) -> str | None:
+    geo: LayerGeometry = layer.geometry
+    if geo.kind != "conv":
+        return None
+    base = layer.base_layer
+    if geo.groups > 1:
+        return (
+            f"a grouped conv (groups={geo.groups}); PEFT's LoRA for it gives lora_A every input channel, which "
+            "PEFT cannot merge. Keep grouped convs out of the adapter's targets, or merge it in structpeft"
+        )
+    if any(d != 1 for d in base.dilation):
+        return f"a dilated conv (dilation={tuple(base.dilation)}); PEFT's lora_A conv ignores dilation"
+    if base.padding_mode != "zeros":
+        return f"padding_mode={base.padding_mode!r}; PEFT's lora_A conv pads with zeros"
+    return None
+
+
+def _bias_delta(layer: AdaptedLayer, adapter: str) -> torch.Tensor | None:
+    biases = [b for d in layer.adapters[adapter].values() if (b := d.delta_bias(layer.base_layer)) is not None]
+    if not biases or all(not b.any() for b in biases):
+        return None
+    return sum(b.float() for b in biases)
+
+
+# -- factoring -----------------------------------------------------------------------------------
+@dataclass
+class _Factored:
+    """ΔW = U diag(s) Vh as a (d_out, d_in·k..) matrix, and the shapes to write it in."""
+
+    u: torch.Tensor  # (d_out, q)
+    singular_values: torch.Tensor  # (q,)
+    vh: torch.Tensor  # (q, d_in·k..)
+    a_shape: tuple[int, ...]  # lora_A's shape after the rank: (d_in,) or (C_in, k..)
+    b_shape: tuple[int, ...]  # lora_B's shape after the rank: () or (1,)*spatial
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+
+    def lora_factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lora_A (r, *a_shape), lora_B (d_out, r, *b_shape)), zero-padded past ΔW's rank."""
+        q = len(self.singular_values)
+        keep = min(r, q)
+        a = self.vh.new_zeros(r, self.vh.shape[1])
+        b = self.u.new_zeros(self.u.shape[0], r)
+        a[:keep] = self.vh[:keep]
+        b[:, :keep] = self.u[:, :keep] * self.singular_values[:keep]  # the scale folded into B
+        a = a.reshape(r, *self.a_shape).to(self.dtype)
+        b = b.reshape(b.shape[0], r, *self.b_shape).to(self.dtype)
+        return a, b
+
+
+def _factor(name: str, layer: AdaptedLayer, adapter: str, dtype: torch.dtype | None) -> _Factored:
+    delta = sum(d.delta_weight(layer.base_layer).float() for d in layer.adapters[adapter].values())
+    delta = distributed.full_tensor(delta)  # (d_out, d_in/groups, k..)
+    if not torch.isfinite(delta).all():
+        raise ValueError(f"the update of {name!r} has non-finite values; nothing was written")
+    matrix = delta.reshape(delta.shape[0], -1)  # (d_out, d_in·k..)
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    bias = _bias_delta(layer, adapter)
+    return _Factored(
+        u=u,
+        singular_values=s,
+        vh=vh,
+        a_shape=tuple(delta.shape[1:]),
+        b_shape=(1,) * (delta.dim() - 2),
+        bias=None if bias is None else distributed.full_tensor(bias),
+        dtype=dtype or layer.base_layer.weight.dtype,
+    )
+
+
+def _chosen_rank(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
+    if rank is not None:
+        return min(rank, len(s))
+    power = s.pow(2)
+    total = power.sum()
+    if total == 0:
+        return 1  # PEFT needs r >= 1; the component written is zero
+    kept = power.cumsum(0) / total
+    # A relative tolerance so that energy=1.0 is met despite rounding in the cumulative sum.
+    return int((kept < energy - 1e-12).sum().item()) + 1
+
+
+def _relative_error(s: torch.Tensor, r: int) -> float:
+    total = s.pow(2).sum()
+    return 0.0 if total == 0 else math.sqrt((s[r:].pow(2).sum() / total).item())
+
+
+def _vllm_rank(needed: int) -> int:
+    for r in VLLM_RANKS:
+        if r >= needed:
+            return r
+    raise ValueError(
+        f"a layer needs rank {needed}, above the largest rank vLLM accepts ({VLLM_RANKS[-1]}); export with a "
+        "smaller rank / energy, or without uniform_rank"
+    )
+
+
+# -- writing --------------------------------------------------------------------------------------
+def _modules_to_save(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    """The adapter's whole-module copies (e.g. a new classifier head), keyed as HF PEFT saves them."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in model.saved_modules():
+        if adapter in module.copies:
+            for key, value in module.copies[adapter].state_dict().items():
+                tensors[f"{KEY_PREFIX}{name}.{key}"] = distributed.full_tensor(value)
+    return tensors
+
+
+def _peft_config(
+    model: PeftModel,
+    layers: dict[str, AdaptedLayer],
+    ranks: dict[str, int],
+    modules_to_save: list[str],
+    lora_bias: bool,
+) -> dict:
+    """HF PEFT's ``LoraConfig`` as JSON: the commonest rank as ``r``, the others in ``rank_pattern``
+    (and the same numbers in ``alpha_pattern``, so every layer's scale is 1)."""
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r = max(counts, key=lambda k: (counts[k], k))
+    # Full paths, escaped: PEFT matches pattern keys as regular expressions on a dotted suffix.
+    pattern = {re.escape(name): ranks[name] for name in layers if ranks[name] != r}
+    transposed = [layer.geometry.transposed for layer in layers.values() if layer.geometry.kind == "linear"]
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": _base_model_name(model.base_model),
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": list(layers),
+        "modules_to_save": modules_to_save or None,
+        "lora_dropout": 0.0,
+        # GPT-2's Conv1D stores weights (in, out): PEFT flips merges for them when this is set, and
+        # sets it per layer itself when it is wrong for a layer (with a warning).
+        "fan_in_fan_out": bool(transposed) and all(transposed),
+        "bias": "none",
+        "lora_bias": lora_bias,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def _write(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
