@@ -1,0 +1,198 @@
+"""Kernel-mix on every architecture of tests/architectures.py, against references written here.
+
+The layouts below are what each model's code does (read from transformers' modeling files); the
+library finds them by probing the blocks, and these tests hold it to them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import structpeft as sp
+from structpeft.attention import attention_anatomy
+from structpeft.core.layers import AdaptedLayer
+from tests.architectures import ARCHITECTURES, outputs
+
+NAMES = [a.name for a in ARCHITECTURES]
+BY_NAME = {a.name: a for a in ARCHITECTURES}
+# Every tiny config: width 32, 4 query heads of 8; the GQA ones share 2 key/value heads.
+WIDTH, HEADS, HEAD_DIM = 32, 4, 8
+# How a fused projection lays out its rows: [q | k | v] or, per head, [q_h k_h v_h] (GPT-NeoX).
+FUSED = {"gpt2": "thirds", "phi3": "thirds", "gpt_neox": "per_head"}
+
+
+def kv_heads(name: str) -> int:
+    return 2 if "gqa" in BY_NAME[name].variants else HEADS
+
+
+def expected_rows(name: str) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Rows of each query head, and of each key and value head, in their layers' outputs."""
+    d, heads, groups = HEAD_DIM, HEADS, kv_heads(name)
+    span = lambda start: list(range(start, start + d))  # noqa: E731
+    if FUSED.get(name) == "per_head":
+        return (
+            [span(3 * d * h) for h in range(heads)],
+            [span(3 * d * g + d) for g in range(groups)],
+            [span(3 * d * g + 2 * d) for g in range(groups)],
+        )
+    if FUSED.get(name) == "thirds":
+        keys = heads * d
+        return (
+            [span(d * h) for h in range(heads)],
+            [span(keys + d * g) for g in range(groups)],
+            [span(keys + groups * d + d * g) for g in range(groups)],
+        )
+    return [span(d * h) for h in range(heads)], [span(d * g) for g in range(groups)], [span(d * g) for g in range(groups)]
+
+
+def build(name: str) -> nn.Module:
+    arch = BY_NAME[name]
+    return arch.build(arch.implementations[-1])
+
+
+def judged(name: str, model: nn.Module, seed: int = 0) -> torch.Tensor:
+    arch = BY_NAME[name]
+    x = arch.inputs(seed)
+    return arch.judged(x, outputs(model, x))
+
+
+def blocks(model: sp.PeftModel) -> list[str]:
+    return model.peft_config["default"][0].find_targets(model.base_model, set())
+
+
+def kernel_mix(name: str, **options) -> sp.PeftModel:
+    return sp.get_peft_model(build(name), sp.KernelMixConfig(dropout=0.0, **options))
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """(d_out, d_in), whatever the storage (GPT-2's Conv1D stores the transpose)."""
+    return layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight
+
+
+def block_count(name: str) -> int:
+    return 6 if BY_NAME[name].kind == "encoder-decoder" else 2  # + decoder self- and cross-attention
+
+
+# -- where the projections are ----------------------------------------------------------------
+@pytest.mark.parametrize("name", NAMES)
+def test_anatomy_finds_every_block_with_its_row_layout(name: str) -> None:
+    model = kernel_mix(name)
+    paths = blocks(model)
+    assert len(paths) == block_count(name)
+    q_rows, k_rows, v_rows = expected_rows(name)
+    for path in paths:
+        anatomy = attention_anatomy(model.base_model.get_submodule(path))
+        assert (anatomy.heads, anatomy.kv_heads, anatomy.head_dim) == (HEADS, kv_heads(name), HEAD_DIM)
+        assert anatomy.fused == (name in FUSED)
+        assert len({anatomy.query, anatomy.key, anatomy.value, anatomy.output}) == (2 if name in FUSED else 4)
+        assert list(anatomy.query_rows) == sum(q_rows, [])
+        assert list(anatomy.key_rows) == sum(k_rows, [])
+        assert list(anatomy.value_rows) == sum(v_rows, [])
+
+
+# -- the maths ------------------------------------------------------------------------------
+def naive_reference(name: str, model: sp.PeftModel) -> nn.Module:
+    """The base model with W_q, W_v, W_o (and biases) changed head by head by the adapter's
+    factors, as METHODS.md writes Kernel-mix, in loops over heads and the known row layouts."""
+    reference = build(name)
+    q_rows, k_rows, v_rows = expected_rows(name)
+    for path in blocks(model):
+        block, plain = model.base_model.get_submodule(path), reference.get_submodule(path)
+        anatomy = attention_anatomy(block)
+        delta = lambda p: block.get_submodule(p).adapters["default"]["kernel_mix"]  # noqa: E731
+        if anatomy.query == anatomy.value:
+            q_delta, v_delta = delta(anatomy.query).query, delta(anatomy.query).value
+        else:
+            q_delta, v_delta = delta(anatomy.query), delta(anatomy.value)
+        o_delta = delta(anatomy.output)
+        layers = {p: base_layer(plain.get_submodule(p)) for p in {anatomy.query, anatomy.value, anatomy.output}}
+        key = base_layer(plain.get_submodule(anatomy.key))
+        w_k, b_k = dense_weight(key).detach().clone(), None if key.bias is None else key.bias.detach().clone()
+        new_w = {p: dense_weight(m).detach().clone() for p, m in layers.items()}
+        new_b = {p: None if m.bias is None else m.bias.detach().clone() for p, m in layers.items()}
+        with torch.no_grad():
+            q, v, o = anatomy.query, anatomy.value, anatomy.output
+            for h, rows in enumerate(q_rows):
+                new_w[q][rows] += q_delta.q.B[h] @ q_delta.q.A[h]
+                if q_delta.q.c is not None:
+                    new_b[q][rows] += q_delta.q.c[h * HEAD_DIM : (h + 1) * HEAD_DIM]
+            new_w[q][sum(q_rows, [])] += q_delta.q_shared.B @ q_delta.q_shared.A
+            for g, (rows, keys) in enumerate(zip(v_rows, k_rows, strict=True)):
+                kernel = v_delta.v.B[g] @ v_delta.v.A[g]  # (d, d), applied to the head's keys
+                new_w[v][rows] += kernel @ w_k[keys]
+                if new_b[v] is not None:
+                    new_b[v][rows] += v_delta.v.c[g * HEAD_DIM : (g + 1) * HEAD_DIM]
+                    if b_k is not None:  # Whisper's keys have no bias
+                        new_b[v][rows] += kernel @ b_k[keys]
+            new_w[v][sum(v_rows, [])] += v_delta.v_shared.B @ v_delta.v_shared.A
+            rank = o_delta.o.A.shape[1]
+            for h in range(HEADS):
+                columns = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+                new_w[o][:, columns] += o_delta.o.B[:, h * rank : (h + 1) * rank] @ o_delta.o.A[h]
+            new_w[o] += o_delta.o_shared.B @ o_delta.o_shared.A
+            if new_b[o] is not None:
+                new_b[o] += o_delta.o.c
+            for p, layer in layers.items():
+                dense_weight(layer).copy_(new_w[p])
+                if layer.bias is not None:
+                    layer.bias.copy_(new_b[p])
+    return reference
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_mix_equals_naive_per_head_reference_and_merges(name: str) -> None:
+    model = kernel_mix(name, init_weights=False)
+    got = judged(name, model)
+    assert not torch.allclose(got, judged(name, build(name)), atol=1e-3)  # the adapter does something
+    assert torch.allclose(got, judged(name, naive_reference(name, model)), atol=1e-4, rtol=1e-4)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, AdaptedLayer) for m in merged.modules())
+    assert torch.allclose(judged(name, merged), got, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_mix_zero_start_disabled_and_parameter_count(name: str) -> None:
+    # The base frozen, as under any adapter: T5's output moves by ~1e-7 with autograd on its weights.
+    base = judged(name, build(name).requires_grad_(False))
+    assert torch.equal(judged(name, kernel_mix(name)), base)
+    model = kernel_mix(name, init_weights=False)
+    assert not torch.allclose(judged(name, model), base, atol=1e-3)
+    with model.disable_adapter():
+        assert torch.equal(judged(name, model), base)
+
+    r_q, r_v, r_qs, r_vs = 1, 2, 2, 4  # the defaults
+    d, heads, groups, width = HEAD_DIM, HEADS, kv_heads(name), WIDTH
+    expected = 0
+    for path in blocks(model):
+        block = model.base_model.get_submodule(path)
+        anatomy = attention_anatomy(block)
+        has_bias = {p: base_layer(block.get_submodule(p)).bias is not None for p in (anatomy.query, anatomy.value, anatomy.output)}
+        query = heads * r_q * (width + d) + r_qs * (width + heads * d) + has_bias[anatomy.query] * heads * d
+        value = groups * r_v * 2 * d + r_vs * (width + groups * d) + has_bias[anatomy.value] * groups * d
+        output = heads * r_v * (d + width) + r_vs * (heads * d + width) + has_bias[anatomy.output] * width
+        expected += query + value + output
+    assert model.get_nb_trainable_parameters()[0] == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_mix_trains_and_round_trips(name: str, tmp_path) -> None:
+    model = kernel_mix(name, init_weights=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    out = judged(name, model)
+    # Not a norm of the output: after a final LayerNorm, Σ y² per token is constant.
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    moved = {n: not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad}
+    assert all(moved.values()), [n for n, m in moved.items() if not m]
+    model.eval()
+    expected = judged(name, model, seed=1)
+    model.save_pretrained(tmp_path)
+    loaded = sp.PeftModel.from_pretrained(build(name), tmp_path).eval()
+    assert torch.equal(judged(name, loaded, seed=1), expected)
