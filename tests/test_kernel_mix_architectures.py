@@ -44,7 +44,8 @@ def expected_rows(name: str) -> tuple[list[list[int]], list[list[int]], list[lis
             [span(keys + d * g) for g in range(groups)],
             [span(keys + groups * d + d * g) for g in range(groups)],
         )
-    return [span(d * h) for h in range(heads)], [span(d * g) for g in range(groups)], [span(d * g) for g in range(groups)]
+    kv = [span(d * g) for g in range(groups)]
+    return [span(d * h) for h in range(heads)], kv, kv
 
 
 def build(name: str) -> nn.Module:
@@ -105,12 +106,12 @@ def naive_reference(name: str, model: sp.PeftModel) -> nn.Module:
     for path in blocks(model):
         block, plain = model.base_model.get_submodule(path), reference.get_submodule(path)
         anatomy = attention_anatomy(block)
-        delta = lambda p: block.get_submodule(p).adapters["default"]["kernel_mix"]  # noqa: E731
+        q_delta, v_delta, o_delta = (
+            block.get_submodule(p).adapters["default"]["kernel_mix"]
+            for p in (anatomy.query, anatomy.value, anatomy.output)
+        )
         if anatomy.query == anatomy.value:
-            q_delta, v_delta = delta(anatomy.query).query, delta(anatomy.query).value
-        else:
-            q_delta, v_delta = delta(anatomy.query), delta(anatomy.value)
-        o_delta = delta(anatomy.output)
+            q_delta, v_delta = q_delta.query, q_delta.value
         layers = {p: base_layer(plain.get_submodule(p)) for p in {anatomy.query, anatomy.value, anatomy.output}}
         key = base_layer(plain.get_submodule(anatomy.key))
         w_k, b_k = dense_weight(key).detach().clone(), None if key.bias is None else key.bias.detach().clone()
@@ -172,7 +173,8 @@ def test_kernel_mix_zero_start_disabled_and_parameter_count(name: str) -> None:
     for path in blocks(model):
         block = model.base_model.get_submodule(path)
         anatomy = attention_anatomy(block)
-        has_bias = {p: base_layer(block.get_submodule(p)).bias is not None for p in (anatomy.query, anatomy.value, anatomy.output)}
+        roles = (anatomy.query, anatomy.value, anatomy.output)
+        has_bias = {p: base_layer(block.get_submodule(p)).bias is not None for p in roles}
         query = heads * r_q * (width + d) + r_qs * (width + heads * d) + has_bias[anatomy.query] * heads * d
         value = groups * r_v * 2 * d + r_vs * (width + groups * d) + has_bias[anatomy.value] * groups * d
         output = heads * r_v * (d + width) + r_vs * (heads * d + width) + has_bias[anatomy.output] * width
@@ -196,3 +198,138 @@ def test_kernel_mix_trains_and_round_trips(name: str, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     loaded = sp.PeftModel.from_pretrained(build(name), tmp_path).eval()
     assert torch.equal(judged(name, loaded, seed=1), expected)
+
+
+# -- blocks no family list knows --------------------------------------------------------------
+class GroupedFusedAttention(nn.Module):
+    """Plain torch attention whose one projection lays its rows out per key/value head g as
+    ``[q of g's query heads | k_g | v_g]`` (Falcon's grouped layout), under names that say nothing."""
+
+    def __init__(self, width: int = 24, heads: int = 4, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.num_heads, self.kv_heads, self.head_dim = heads, kv_heads, width // heads
+        self.mix = nn.Linear(width, (heads + 2 * kv_heads) * self.head_dim)
+        self.back = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, n, _ = x.shape
+        group = self.num_heads // self.kv_heads
+        rows = self.mix(x).view(batch, n, self.kv_heads, group + 2, self.head_dim)
+        q = rows[:, :, :, :group].reshape(batch, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        k, v = (rows[:, :, :, group + i].transpose(1, 2).repeat_interleave(group, 1) for i in (0, 1))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+        return self.back(out.transpose(1, 2).reshape(batch, n, -1))
+
+
+class Net(nn.Module):
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Linear(5, 24)
+        self.block = attention
+        self.head = nn.Linear(24, 2)
+
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        h = self.embed(x)
+        return self.head(h + self.block(h, *args))
+
+
+def test_kernel_mix_reads_a_grouped_fused_layout_by_probing_and_its_maths_follow_it() -> None:
+    torch.manual_seed(0)
+    net = Net(GroupedFusedAttention()).eval()
+    x = torch.randn(2, 5, 5)
+    base = net(x)
+    model = sp.get_peft_model(net, sp.KernelMixConfig(init_weights=False, dropout=0.0))
+    block = model.base_model.block
+    anatomy = attention_anatomy(block)
+    d, slot = 6, 4 * 6  # per key/value head: 2 query heads, its keys, its values
+    assert (anatomy.query, anatomy.output, anatomy.heads, anatomy.kv_heads) == ("mix", "back", 4, 2)
+    assert list(anatomy.query_rows) == [r for g in range(2) for r in range(g * slot, g * slot + 2 * d)]
+    assert list(anatomy.key_rows) == [r for g in range(2) for r in range(g * slot + 2 * d, g * slot + 3 * d)]
+    assert list(anatomy.value_rows) == [r for g in range(2) for r in range(g * slot + 3 * d, (g + 1) * slot)]
+
+    # The fused layer's output, head by head from the formulas: queries and values change, keys do not.
+    fused = block.mix.adapters["default"]["kernel_mix"]
+    h = torch.randn(3, 24)
+    want = base_layer(block.mix)(h).detach().clone()
+    w, b = block.mix.weight, block.mix.bias
+    for g in range(2):
+        keys = h @ w[g * slot + 2 * d : g * slot + 3 * d].T + b[g * slot + 2 * d : g * slot + 3 * d]
+        for j in range(2):
+            head, rows = 2 * g + j, slice(g * slot + j * d, g * slot + (j + 1) * d)
+            q = fused.query.q
+            want[:, rows] += h @ q.A[head].T @ q.B[head].T + q.c[head * d : (head + 1) * d]
+        v = fused.value.v
+        want[:, g * slot + 3 * d : (g + 1) * slot] += keys @ v.A[g].T @ v.B[g].T + v.c[g * d : (g + 1) * d]
+    shared_q, shared_v = fused.query.q_shared, fused.value.v_shared
+    want[:, list(anatomy.query_rows)] += h @ shared_q.A.T @ shared_q.B.T
+    want[:, list(anatomy.value_rows)] += h @ shared_v.A.T @ shared_v.B.T
+    assert torch.allclose(block.mix(h), want, atol=1e-5)
+
+    adapted = model(x)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    assert torch.allclose(model.merge_and_unload()(x), adapted, atol=1e-5)
+
+
+class OpaqueAttention(nn.Module):
+    """Separate projections in a module order and under names that say nothing of their roles."""
+
+    def __init__(self, width: int = 24, heads: int = 4) -> None:
+        super().__init__()
+        self.n_heads = heads
+        self.alpha, self.beta, self.gamma, self.delta = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = lambda t: t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # noqa: E731
+        v, q, k = split(self.alpha(x)), split(self.beta(x)), split(self.gamma(x))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.delta(out.transpose(1, 2).flatten(2))
+
+
+def test_roles_come_from_the_data_flow_not_the_names() -> None:
+    model = sp.get_peft_model(Net(OpaqueAttention()), sp.KernelMixConfig())
+    anatomy = attention_anatomy(model.base_model.block)
+    assert (anatomy.query, anatomy.key, anatomy.value, anatomy.output) == ("beta", "gamma", "alpha", "delta")
+    assert anatomy.kv_heads == anatomy.heads == 4
+
+
+class ScaledAttention(nn.Module):
+    """A forward the probe cannot call (it needs a number), with separate or fused projections."""
+
+    def __init__(self, fused: bool, width: int = 24, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        if fused:
+            self.to_qkv = nn.Linear(width, 3 * width)
+        else:
+            self.to_q, self.to_k, self.to_v = (nn.Linear(width, width) for _ in range(3))
+        self.to_out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        split = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
+        qkv = self.to_qkv(x).chunk(3, -1) if hasattr(self, "to_qkv") else (self.to_q(x), self.to_k(x), self.to_v(x))
+        q, k, v = (split(t) for t in qkv)
+        out = torch.nn.functional.scaled_dot_product_attention(q / temperature, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+def test_unprobeable_blocks_are_read_by_names_or_refused_naming_what_was_found() -> None:
+    model = sp.get_peft_model(Net(ScaledAttention(fused=False)), sp.KernelMixConfig(init_weights=False))
+    anatomy = attention_anatomy(model.base_model.block)
+    assert (anatomy.query, anatomy.key, anatomy.value, anatomy.output) == ("to_q", "to_k", "to_v", "to_out")
+    x = torch.randn(2, 5, 5)
+    assert torch.allclose(model.merge_and_unload()(x, 2.0), model(x, 2.0), atol=1e-5)
+
+    with pytest.raises(ValueError, match="Kernel-mix found no attention block"):
+        sp.get_peft_model(Net(ScaledAttention(fused=True)), sp.KernelMixConfig())
+    with pytest.raises(
+        ValueError,
+        match=r"'block' \(ScaledAttention\) is not an attention block.*TypeError.*"
+        r"Projections found: to_qkv \(24x72\), to_out \(24x24\)",
+    ):
+        sp.get_peft_model(Net(ScaledAttention(fused=True)), sp.KernelMixConfig(target_modules=["block"]))
+
+
+def test_torch_multihead_attention_is_refused_naming_its_projections() -> None:
+    net = Net(nn.MultiheadAttention(24, 4, batch_first=True))
+    with pytest.raises(ValueError, match=r"'block' \(MultiheadAttention\).*Projections found: out_proj \(24x24\)"):
+        sp.get_peft_model(net, sp.KernelMixConfig(target_modules=["block"]))

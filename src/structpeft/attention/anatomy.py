@@ -197,7 +197,7 @@ def _materialised(block: nn.Module) -> nn.Module:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in replica.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+            parameter.normal_(0.0, 0.02, generator=generator)
         for buffer in replica.buffers():
             buffer.zero_()
     return replica
@@ -248,20 +248,15 @@ def _run_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], width: int
     return outputs, inputs, order
 
 
-def _support(grads: dict[str, torch.Tensor | None], token: int) -> set[tuple[str, int]]:
-    """The (layer, row) pairs whose output at ``token`` has a non-zero gradient."""
-    found = set()
-    for path, grad in grads.items():
-        if grad is not None:
-            found |= {(path, int(r)) for r in grad[0, token].nonzero().flatten()}
-    return found
+Rows = dict[str, torch.Tensor]  # per layer, a boolean mask over its output rows
 
 
-def _one_layer(rows: set[tuple[str, int]], what: str) -> tuple[str, tuple[int, ...]]:
-    layers = {p for p, _ in rows}
+def _one_layer(rows: Rows, what: str) -> tuple[str, tuple[int, ...]]:
+    """The one layer ``rows`` lie in, and their indices."""
+    layers = [p for p, mask in rows.items() if mask.any()]
     if len(layers) != 1:
-        raise _ProbeFailed(f"{what} come from {len(layers)} layers ({', '.join(sorted(layers)) or 'none'})")
-    return layers.pop(), tuple(sorted(r for _, r in rows))
+        raise _ProbeFailed(f"{what} come from {len(layers)} layers ({', '.join(layers) or 'none'})")
+    return layers[0], tuple(rows[layers[0]].nonzero().flatten().tolist())
 
 
 def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads: int) -> AttentionAnatomy:
@@ -289,29 +284,36 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
     sources = {p: outputs[p] for p in order[: order.index(output)]}
     if not sources:
         raise _ProbeFailed(f"{output} reads no other layer's output")
+    token_shaped = (1, _PROBE_TOKENS)
+    for path, tensor in [*sources.items(), (output, attended)]:
+        if tuple(tensor.shape[:2]) != token_shaped or tensor.dim() != 3:
+            raise _ProbeFailed(f"{path} sees {tuple(tensor.shape)}, not the {_PROBE_TOKENS} probe tokens")
     generator = torch.Generator().manual_seed(1)
 
-    def support(weights: torch.Tensor, head: int) -> tuple[set, set]:
+    def support(weights: torch.Tensor, head: int) -> tuple[Rows, Rows]:
+        """The rows, at the first and at the last token, that head ``head``'s output at the last token reads."""
         target = (attended[0, -1, head * head_dim : (head + 1) * head_dim] * weights).sum()
         grads = torch.autograd.grad(target, list(sources.values()), retain_graph=True, allow_unused=True)
-        grads = dict(zip(sources, grads, strict=True))
-        return _support(grads, 0), _support(grads, _PROBE_TOKENS - 1)
+        grads = {p: torch.zeros_like(sources[p]) if g is None else g for p, g in zip(sources, grads, strict=True)}
+        return {p: g[0, 0] != 0 for p, g in grads.items()}, {p: g[0, -1] != 0 for p, g in grads.items()}
 
     weights = torch.randn(heads, head_dim, generator=generator).to(attended)
     unit = torch.eye(head_dim, dtype=attended.dtype, device=attended.device)
     query_rows, kv_split, kv_of_head = [], {}, []
     for head in range(heads):
         first, last = support(weights[head], head)
-        query_rows.append(_one_layer(last - first, f"head {head}'s queries"))
-        keys_and_values = frozenset(first)
+        query_rows.append(_one_layer({p: last[p] & ~first[p] for p in sources}, f"head {head}'s queries"))
+        keys_and_values = tuple((p, tuple(m.nonzero().flatten().tolist())) for p, m in first.items() if m.any())
         kv_of_head.append(keys_and_values)
         if keys_and_values not in kv_split:
             if head_dim < 2:
                 raise _ProbeFailed("heads of width 1 leave keys and values apart")
-            dense = support(unit[0], head)[0] & support(unit[1], head)[0]  # the keys reach every output dimension
+            # The keys reach every output dimension of the head, each value row one of them.
+            along_0, along_1 = support(unit[0], head)[0], support(unit[1], head)[0]
+            keys = {p: along_0[p] & along_1[p] for p in sources}
             kv_split[keys_and_values] = (
-                _one_layer(dense, f"head {head}'s keys"),
-                _one_layer(set(keys_and_values) - dense, f"head {head}'s values"),
+                _one_layer(keys, f"head {head}'s keys"),
+                _one_layer({p: first[p] & ~keys[p] for p in sources}, f"head {head}'s values"),
             )
     roles = {
         "query": query_rows,
@@ -361,7 +363,8 @@ def _read_by_shapes(layers: list[tuple[str, nn.Module]], heads: int) -> Attentio
     if any(len(paths) != 1 for paths in by_role.values()):
         raise _ProbeFailed(
             "the layer names do not tell one query, one key and one value layer apart "
-            f"({', '.join(f'{r}: {p}' for r, p in by_role.items())})"
+            f"({', '.join(f'{r}: {p}' for r, p in by_role.items())}), and a fused projection's rows are "
+            "read only by running the block"
         )
     shapes = dict((p, _geometry(m)) for p, m in layers)
     query, key, value = (by_role[r][0] for r in ("query", "key", "value"))

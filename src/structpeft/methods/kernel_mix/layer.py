@@ -13,6 +13,10 @@ Everything is linear in the layer inputs, so each delta also gives ΔW and Δb a
 speed, each part is written as a factor pair (down (r, d_in), up (d_out, r)), the per-head factors
 as block-diagonal matrices; a delta's parts then run as one low-rank product ``up · down · x``
 (two matmuls) instead of a string of small per-head ones.
+
+Where the heads' rows lie in a projection comes from :func:`~structpeft.attention.attention_anatomy`:
+a part whose rows are not its layer's whole output in order (a fused q|k|v projection, GPT-NeoX's
+rows interleaved per head) writes its up factor and bias into those rows, zeros elsewhere.
 """
 
 from __future__ import annotations
