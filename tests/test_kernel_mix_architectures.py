@@ -333,3 +333,14 @@ def test_torch_multihead_attention_is_refused_naming_its_projections() -> None:
     net = Net(nn.MultiheadAttention(24, 4, batch_first=True))
     with pytest.raises(ValueError, match=r"'block' \(MultiheadAttention\).*Projections found: out_proj \(24x24\)"):
         sp.get_peft_model(net, sp.KernelMixConfig(target_modules=["block"]))
+
+
+def test_blocks_are_read_alike_under_a_head_mixer_and_inference_mode() -> None:
+    """Coeff-Tuning's α mixes heads inside the attention: the probe must not see it."""
+    plain = attention_anatomy(build("gpt_neox").gpt_neox.layers[0].attention)
+    model = sp.get_peft_model(build("gpt_neox"), [sp.CoeffConfig(init_weights=False), sp.KernelMixConfig()])
+    assert attention_anatomy(model.base_model.gpt_neox.layers[0].attention) == plain
+    block = build("gpt_neox").gpt_neox.layers[0].attention
+    with torch.inference_mode():
+        assert attention_anatomy(block) == plain
+    assert list(plain.key_rows[:HEAD_DIM]) == list(range(HEAD_DIM, 2 * HEAD_DIM))  # NeoX: [q_0 k_0 v_0 q_1 ...]

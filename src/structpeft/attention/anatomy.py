@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from structpeft.core.layers import HFConv1D, layer_geometry
+from structpeft.core.layers import HFConv1D, layer_geometry, module_host
 from structpeft.core.targets import get_submodule, named_modules, unwrapped, within
 
 _HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
@@ -96,7 +96,7 @@ def _int_attribute(obj: object, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def query_heads(block: nn.Module) -> int | None:
+def _query_heads(block: nn.Module) -> int | None:
     """The number of query heads the block or one of its children declares, itself or in its config."""
     for module in (block, *block.children()):
         heads = _int_attribute(module, _HEAD_ATTRIBUTES) or _int_attribute(
@@ -147,9 +147,11 @@ class _ProbeFailed(Exception):
 
 @contextlib.contextmanager
 def _probing_mode(block: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and the models' own eager attention (no fused kernel, no head-mixing
-    hook) for the probe; everything restored after."""
+    """Eval mode (no dropout), the models' own eager attention (no fused kernel) and the deltas that
+    act inside modules switched off (a head mixer would blend the heads the probe tells apart);
+    everything restored after."""
     training = {m: m.training for m in block.modules()}
+    hosts = [h for h in map(module_host, block.modules()) if h is not None and not h.disabled]
     configs = {}
     for module in block.modules():
         config = getattr(module, "config", None)
@@ -159,8 +161,12 @@ def _probing_mode(block: nn.Module) -> Iterator[None]:
         block.eval()
         for config, _ in configs.values():
             config._attn_implementation = "eager"
+        for host in hosts:
+            host.disabled = True
         yield
     finally:
+        for host in hosts:
+            host.disabled = False
         for module, mode in training.items():
             module.training = mode
         for config, implementation in configs.values():
@@ -236,7 +242,7 @@ def _run_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], width: int
             before, after = hooks(path)
             handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
         args, kwargs = _probe_arguments(block, hidden)
-        with _probing_mode(block), torch.enable_grad():
+        with _probing_mode(block):
             block(*args, **kwargs)
     except _ProbeFailed:
         raise
@@ -395,13 +401,14 @@ def attention_anatomy(block: nn.Module, name: str = "") -> AttentionAnatomy:
     and o; an error naming the module and the projections it has when it cannot be read."""
     block = unwrapped(block)
     layers = _candidates(block)
-    heads = query_heads(block)
+    heads = _query_heads(block)
     if heads is None:
         raise _unreadable(name, block, layers, "neither it nor its children declare a number of heads")
     if not _plausible(layers, heads):
         raise _unreadable(name, block, layers, f"its layers cannot make and read {heads} heads")
     try:
-        return _read_by_probe(block, layers, heads)
+        with torch.inference_mode(False), torch.enable_grad():  # the probe reads gradients
+            return _read_by_probe(block, layers, heads)
     except _ProbeFailed as probe_error:
         try:
             return _read_by_shapes(layers, heads)
@@ -417,7 +424,7 @@ def attention_blocks(model: nn.Module, exclude: set[str] = frozenset()) -> list[
         if any(f.startswith(name + ".") for f in found):
             continue
         block = unwrapped(module)
-        heads = query_heads(block)
+        heads = _query_heads(block)
         if heads is None or not _plausible(_candidates(block), heads):
             continue
         try:
