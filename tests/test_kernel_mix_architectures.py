@@ -344,3 +344,18 @@ def test_blocks_are_read_alike_under_a_head_mixer_and_inference_mode() -> None:
     with torch.inference_mode():
         assert attention_anatomy(block) == plain
     assert list(plain.key_rows[:HEAD_DIM]) == list(range(HEAD_DIM, 2 * HEAD_DIM))  # NeoX: [q_0 k_0 v_0 q_1 ...]
+
+
+class QueryKeyValueSignature(OpaqueAttention):
+    """Takes queries, keys and values apart, as older attention modules do; names say nothing."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, /) -> torch.Tensor:
+        split = lambda t: t.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.gamma(query)), split(self.alpha(key)), split(self.beta(value))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.delta(out.transpose(1, 2).flatten(2))
+
+
+def test_a_forward_taking_query_key_value_apart_is_probed_as_self_attention() -> None:
+    anatomy = attention_anatomy(QueryKeyValueSignature())
+    assert (anatomy.query, anatomy.key, anatomy.value, anatomy.output) == ("gamma", "alpha", "beta", "delta")

@@ -173,28 +173,35 @@ def _probing_mode(block: nn.Module) -> Iterator[None]:
             config._attn_implementation = implementation
 
 
+_SAME_AS_HIDDEN = {"key", "value", "keys", "values", "memory", "context", "encoder_hidden_states"}
+
+
 def _probe_arguments(block: nn.Module, hidden: torch.Tensor) -> tuple[list, dict]:
-    """Hidden states as the first argument; identity rotary embeddings where the forward takes
-    ``position_embeddings`` (cos = 1, sin = 0, broadcast over any rotary width); None for every
-    other argument without a default."""
+    """Hidden states as the first argument and as required keys/values (a self-attention run);
+    identity rotary embeddings where the forward takes ``position_embeddings`` (cos = 1, sin = 0,
+    broadcast over any rotary width); None for every other argument without a default."""
     try:
         parameters = list(inspect.signature(block.forward).parameters.values())
     except (TypeError, ValueError) as error:
         raise _ProbeFailed(f"its forward has no readable signature ({error})") from error
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if not positional:
+    if not parameters or parameters[0].kind not in (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    ):
         raise _ProbeFailed("its forward takes no hidden states")
     tokens = hidden.shape[1]
     rotary = (hidden.new_ones(1, tokens, 1), hidden.new_zeros(1, tokens, 1))
-    kwargs = {}
+    args, kwargs = [hidden], {}
     for p in parameters[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        required = p.default is inspect.Parameter.empty
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or not (required or p.name == "position_embeddings"):
             continue
-        if p.name == "position_embeddings":
-            kwargs[p.name] = rotary
-        elif p.default is inspect.Parameter.empty:
-            kwargs[p.name] = None
-    return [hidden], kwargs
+        value = rotary if p.name == "position_embeddings" else hidden if p.name in _SAME_AS_HIDDEN else None
+        if p.kind == p.POSITIONAL_ONLY:
+            args.append(value)
+        else:
+            kwargs[p.name] = value
+    return args, kwargs
 
 
 def _materialised(block: nn.Module) -> nn.Module:
