@@ -40,6 +40,9 @@ from structpeft.core.layers import HFConv1D, layer_geometry, module_host
 from structpeft.core.targets import get_submodule, named_modules, unwrapped, within
 
 _HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+# A config's head count says nothing of a module that shares the config but has no heads (an MLP):
+# it counts for modules that also carry a per-head attribute of their own.
+_PER_HEAD_ATTRIBUTES = ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim", "num_key_value_groups")
 _NAME_ROLES = {"query": {"q", "query", "wq"}, "key": {"k", "key", "wk"}, "value": {"v", "value", "wv"}}
 _PROBE_TOKENS = 2
 _MAX_DEPTH = 2  # BERT's block holds ``self.query`` and ``output.dense``
@@ -90,18 +93,22 @@ def _candidates(block: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _int_attribute(obj: object, names: tuple[str, ...]) -> int | None:
     for attribute in names:
-        value = getattr(obj, attribute, None)
+        try:
+            value = getattr(obj, attribute, None)
+        except Exception:  # configs may refuse a global read of a per-layer value
+            continue
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return None
 
 
 def _query_heads(block: nn.Module) -> int | None:
-    """The number of query heads the block or one of its children declares, itself or in its config."""
+    """The number of query heads the block or one of its children declares: as an attribute, or in
+    its config when it has a per-head attribute too."""
     for module in (block, *block.children()):
-        heads = _int_attribute(module, _HEAD_ATTRIBUTES) or _int_attribute(
-            getattr(module, "config", None), _HEAD_ATTRIBUTES
-        )
+        heads = _int_attribute(module, _HEAD_ATTRIBUTES)
+        if heads is None and _int_attribute(module, _PER_HEAD_ATTRIBUTES):
+            heads = _int_attribute(getattr(module, "config", None), _HEAD_ATTRIBUTES)
         if heads:
             return heads
     return None
@@ -275,6 +282,10 @@ def _one_layer(rows: Rows, what: str) -> tuple[str, tuple[int, ...]]:
 def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads: int) -> AttentionAnatomy:
     subject = block
     if any(p.is_meta for p in block.parameters()):
+        projections = {id(p) for _, m in layers for p in m.parameters()}
+        besides = sum(p.numel() for p in block.parameters() if id(p) not in projections)
+        if besides > sum(p.numel() for _, m in layers for p in m.parameters()):
+            raise _ProbeFailed("it is on the meta device and holds more than its projections (too much to materialise)")
         subject = _materialised(block)
         layers = [(path, get_submodule(subject, path)) for path, _ in layers]
     widths = sorted({_geometry(m)[0] for _, m in layers}, key=lambda w: -sum(_geometry(m)[0] == w for _, m in layers))
@@ -415,7 +426,12 @@ def attention_anatomy(block: nn.Module, name: str = "") -> AttentionAnatomy:
         raise _unreadable(name, block, layers, f"its layers cannot make and read {heads} heads")
     try:
         with torch.inference_mode(False), torch.enable_grad():  # the probe reads gradients
-            return _read_by_probe(block, layers, heads)
+            try:
+                return _read_by_probe(block, layers, heads)
+            except _ProbeFailed:
+                raise
+            except Exception as error:  # a block the probe cannot handle: read it another way or refuse
+                raise _ProbeFailed(f"probing it failed ({type(error).__name__}: {error})") from error
     except _ProbeFailed as probe_error:
         try:
             return _read_by_shapes(layers, heads)
