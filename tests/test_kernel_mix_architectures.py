@@ -359,3 +359,37 @@ class QueryKeyValueSignature(OpaqueAttention):
 def test_a_forward_taking_query_key_value_apart_is_probed_as_self_attention() -> None:
     anatomy = attention_anatomy(QueryKeyValueSignature())
     assert (anatomy.query, anatomy.key, anatomy.value, anatomy.output) == ("gamma", "alpha", "beta", "delta")
+
+
+class GatedAttention(nn.Module):
+    """Qwen3-Next's gated attention in plain torch: one projection makes, per head, its queries and
+    an output gate ``[q_h | g_h]``; the heads' outputs are multiplied by ``sigmoid(g)``."""
+
+    def __init__(self, width: int = 24, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, width // heads
+        self.q_proj = nn.Linear(width, 2 * width)
+        self.k_proj, self.v_proj, self.o_proj = (nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        split = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # noqa: E731
+        q, gate = split(self.q_proj(x)).chunk(2, dim=-1)  # each (B, H, N, d)
+        out = torch.nn.functional.scaled_dot_product_attention(q, split(self.k_proj(x)), split(self.v_proj(x)))
+        return self.o_proj((out * torch.sigmoid(gate)).transpose(1, 2).flatten(2))
+
+
+def test_an_output_gate_made_beside_the_queries_is_left_out_of_them() -> None:
+    torch.manual_seed(0)
+    net = Net(GatedAttention()).eval()
+    anatomy = attention_anatomy(net.block)
+    d = 6
+    assert list(anatomy.query_rows) == [r for h in range(4) for r in range(2 * d * h, 2 * d * h + d)]
+    assert (anatomy.key, anatomy.value, anatomy.output) == ("k_proj", "v_proj", "o_proj")
+    x = torch.randn(2, 5, 5)
+    base = net(x)
+    model = sp.get_peft_model(net, sp.KernelMixConfig(init_weights=False, dropout=0.0, r_v=0, r_v_shared=0))
+    q_proj = model.base_model.block.q_proj
+    h = torch.randn(3, 24)
+    gates = [r for h_ in range(4) for r in range(2 * d * h_ + d, 2 * d * (h_ + 1))]
+    assert torch.equal(q_proj(h)[:, gates], base_layer(q_proj)(h)[:, gates])  # the gates untouched
+    assert not torch.allclose(model(x), base, atol=1e-3)

@@ -305,6 +305,8 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
     if attended.shape[-1] % heads:
         raise _ProbeFailed(f"the output projection {output} reads {attended.shape[-1]} columns, not {heads} heads")
     head_dim = attended.shape[-1] // heads
+    if head_dim < 2:
+        raise _ProbeFailed("heads of width 1 leave keys and values (and queries and gates) apart")
     sources = {p: outputs[p] for p in order[: order.index(output)]}
     if not sources:
         raise _ProbeFailed(f"{output} reads no other layer's output")
@@ -326,12 +328,16 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
     query_rows, kv_split, kv_of_head = [], {}, []
     for head in range(heads):
         first, last = support(weights[head], head)
-        query_rows.append(_one_layer({p: last[p] & ~first[p] for p in sources}, f"head {head}'s queries"))
+        queries = {p: last[p] & ~first[p] for p in sources}
+        if sum(int(m.sum()) for m in queries.values()) > head_dim:
+            # A gate on the output (Qwen3-Next, AFMoE: out * sigmoid(x W_g)) reaches one output dimension
+            # per row; the queries reach all of them.
+            along_0, along_1 = support(unit[0], head)[1], support(unit[1], head)[1]
+            queries = {p: queries[p] & along_0[p] & along_1[p] for p in sources}
+        query_rows.append(_one_layer(queries, f"head {head}'s queries"))
         keys_and_values = tuple((p, tuple(m.nonzero().flatten().tolist())) for p, m in first.items() if m.any())
         kv_of_head.append(keys_and_values)
         if keys_and_values not in kv_split:
-            if head_dim < 2:
-                raise _ProbeFailed("heads of width 1 leave keys and values apart")
             # The keys reach every output dimension of the head, each value row one of them.
             along_0, along_1 = support(unit[0], head)[0], support(unit[1], head)[0]
             keys = {p: along_0[p] & along_1[p] for p in sources}
