@@ -13,6 +13,8 @@ knows model families: a block is read from its own structure.
    token tell which output rows of which candidates feed it: rows of the last token only are its
    queries; rows of the first token are its keys and values, and among those the values are the rows
    that reach one output dimension each (the output is linear in them), the keys reach all of them.
+   Likewise an output gate made beside the queries (Qwen3-Next's ``[q_h | g_h]``) is told apart
+   from them and left alone.
    This reads separate projections under any names, fused ones in any row layout (GPT-2's
    ``[q | k | v]``, GPT-NeoX's per-head ``[q_h k_h v_h]``, Phi-3's ``[q | k_gqa | v_gqa]``) and the
    grouping of query heads over key/value heads, RoPE and per-head norms included.
@@ -314,7 +316,17 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
     for path, tensor in [*sources.items(), (output, attended)]:
         if tuple(tensor.shape[:2]) != token_shaped or tensor.dim() != 3:
             raise _ProbeFailed(f"{path} sees {tuple(tensor.shape)}, not the {_PROBE_TOKENS} probe tokens")
-    generator = torch.Generator().manual_seed(1)
+    query_rows, kv_rows = _head_rows(attended, sources, heads, head_dim)
+    return _assemble(query_rows, kv_rows, output, heads, head_dim)
+
+
+def _head_rows(
+    attended: torch.Tensor, sources: dict[str, torch.Tensor], heads: int, head_dim: int
+) -> tuple[list[tuple[str, tuple[int, ...]]], list[tuple[tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]]]]]:
+    """Per query head, (layer, rows) of its queries; per query head, the (keys, values) it reads.
+
+    ``attended`` (1, N, H·d) is the output projection's input, ``sources`` the leaves it depends on.
+    """
 
     def support(weights: torch.Tensor, head: int) -> tuple[Rows, Rows]:
         """The rows, at the first and at the last token, that head ``head``'s output at the last token reads."""
@@ -323,9 +335,9 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
         grads = {p: torch.zeros_like(sources[p]) if g is None else g for p, g in zip(sources, grads, strict=True)}
         return {p: g[0, 0] != 0 for p, g in grads.items()}, {p: g[0, -1] != 0 for p, g in grads.items()}
 
-    weights = torch.randn(heads, head_dim, generator=generator).to(attended)
+    weights = torch.randn(heads, head_dim, generator=torch.Generator().manual_seed(1)).to(attended)
     unit = torch.eye(head_dim, dtype=attended.dtype, device=attended.device)
-    query_rows, kv_split, kv_of_head = [], {}, []
+    query_rows, kv_rows, kv_split = [], [], {}
     for head in range(heads):
         first, last = support(weights[head], head)
         queries = {p: last[p] & ~first[p] for p in sources}
@@ -336,7 +348,6 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
             queries = {p: queries[p] & along_0[p] & along_1[p] for p in sources}
         query_rows.append(_one_layer(queries, f"head {head}'s queries"))
         keys_and_values = tuple((p, tuple(m.nonzero().flatten().tolist())) for p, m in first.items() if m.any())
-        kv_of_head.append(keys_and_values)
         if keys_and_values not in kv_split:
             # The keys reach every output dimension of the head, each value row one of them.
             along_0, along_1 = support(unit[0], head)[0], support(unit[1], head)[0]
@@ -345,11 +356,17 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
                 _one_layer(keys, f"head {head}'s keys"),
                 _one_layer({p: first[p] & ~keys[p] for p in sources}, f"head {head}'s values"),
             )
-    roles = {
-        "query": query_rows,
-        "key": [k for k, _ in kv_split.values()],
-        "value": [v for _, v in kv_split.values()],
-    }
+        kv_rows.append(kv_split[keys_and_values])
+    return query_rows, kv_rows
+
+
+def _assemble(query_rows: list, kv_rows: list, output: str, heads: int, head_dim: int) -> AttentionAnatomy:
+    """One layer per role, whole disjoint heads, query heads over key/value heads in consecutive groups."""
+    distinct_kv = list(dict.fromkeys(kv_rows))  # key/value heads in the order query heads first read them
+    kv_heads = len(distinct_kv)
+    if heads % kv_heads or any(distinct_kv.index(kv) != h // (heads // kv_heads) for h, kv in enumerate(kv_rows)):
+        raise _ProbeFailed(f"{heads} query heads do not share {kv_heads} key/value heads in consecutive groups")
+    roles = {"query": query_rows, "key": [k for k, _ in distinct_kv], "value": [v for _, v in distinct_kv]}
     paths, rows = {}, {}
     for role, found in roles.items():
         role_layers = {p for p, _ in found}
@@ -359,10 +376,6 @@ def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads:
         rows[role] = tuple(r for _, head_rows in found for r in head_rows)
         if any(len(head_rows) != head_dim for _, head_rows in found) or len(set(rows[role])) != len(rows[role]):
             raise _ProbeFailed(f"the {role} rows do not come in disjoint heads of width {head_dim}")
-    kv_heads = len(kv_split)
-    kv_order = list(kv_split)
-    if heads % kv_heads or any(kv_order.index(kv) != h // (heads // kv_heads) for h, kv in enumerate(kv_of_head)):
-        raise _ProbeFailed(f"{heads} query heads do not share {kv_heads} key/value heads in consecutive groups")
     return AttentionAnatomy(
         paths["query"],
         paths["key"],
