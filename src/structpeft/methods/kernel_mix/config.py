@@ -19,7 +19,8 @@ class KernelMixConfig(AdapterConfig):
 
     target_modules: attention blocks, i.e. the modules that hold the q, k, v and o projections
         (BERT/RoBERTa/ViT ``attention``, LLaMA/DINOv2 ``self_attn``/``attention``, GPT-2 ``attn``);
-        None takes all of them.
+        None takes every block whose projections structpeft can read (see
+        :func:`~structpeft.attention.attention_anatomy`).
     r_q, r_v: head-wise ranks of Q and of V/O; r_q_shared, r_v_shared: ranks of the shared LoRA on
         W_q and on W_v, W_o. (1, 2, 2, 4) is the authors' RoBERTa-base setting.
     dropout: on the adapters' inputs (not on the keys that drive V).

@@ -13,6 +13,10 @@ Everything is linear in the layer inputs, so each delta also gives ΔW and Δb a
 speed, each part is written as a factor pair (down (r, d_in), up (d_out, r)), the per-head factors
 as block-diagonal matrices; a delta's parts then run as one low-rank product ``up · down · x``
 (two matmuls) instead of a string of small per-head ones.
+
+Where the heads' rows lie in a projection comes from :func:`~structpeft.attention.attention_anatomy`:
+a part whose rows are not its layer's whole output in order (a fused q|k|v projection, GPT-NeoX's
+rows interleaved per head) writes its up factor and bias into those rows, zeros elsewhere.
 """
 
 from __future__ import annotations
@@ -145,12 +149,23 @@ def _merged_bias(factors: list[Factors], bias: torch.Tensor | None) -> torch.Ten
     return sum(biases) if biases else None
 
 
-class _KernelMixDelta(AdapterDelta):
-    """A delta made of Kernel-mix parts, each a :class:`Factors` pair, plus an output bias ``c``."""
+def _row_index(rows: tuple[int, ...], out_features: int) -> torch.Tensor | None:
+    """The rows a part writes in its layer's output; None where it fills the whole output in order."""
+    return None if rows == tuple(range(out_features)) else torch.tensor(rows, dtype=torch.long)
 
-    def __init__(self, config: KernelMixConfig) -> None:
+
+class _KernelMixDelta(AdapterDelta):
+    """A delta made of Kernel-mix parts, each a :class:`Factors` pair, plus an output bias ``c``.
+
+    ``rows``: where the parts' outputs go in the layer's output (a fused projection's query rows,
+    say, GPT-NeoX's interleaved per head); None when they are the whole output, in order.
+    """
+
+    def __init__(self, config: KernelMixConfig, rows: torch.Tensor | None = None, out_features: int = 0) -> None:
         super().__init__()
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.out_features = out_features
+        self.register_buffer("rows", rows, persistent=False)
 
     def parts(self) -> list[nn.Module]:
         return [m for m in self.children() if not isinstance(m, nn.Dropout | nn.Identity)]
@@ -166,66 +181,82 @@ class _KernelMixDelta(AdapterDelta):
     def bias(self) -> torch.Tensor | None:
         return next((m.c for m in self.parts() if getattr(m, "c", None) is not None), None)
 
-    def delta(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return _low_rank(x, self.dropout(x), self.factors(base_layer), self.bias())
+    def _placed(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (n, ...) written into ``rows`` of a zero (out_features, ...) tensor."""
+        if self.rows is None:
+            return t
+        return t.new_zeros(self.out_features, *t.shape[1:]).index_copy(0, self.rows, t)
+
+    def placed(self, base_layer: nn.Module) -> tuple[list[Factors], torch.Tensor | None]:
+        """The factors and bias in the layer's output coordinates."""
+        factors = [Factors(f.down, self._placed(f.up), f.down_bias, f.keys) for f in self.factors(base_layer)]
+        bias = self.bias()
+        return factors, None if bias is None else self._placed(bias)
 
     def forward(self, x, result, base_layer):
-        return result + self.delta(x.to(torch.float32), base_layer).to(result.dtype)
+        x = x.to(torch.float32)
+        return result + _low_rank(x, self.dropout(x), *self.placed(base_layer)).to(result.dtype)
 
     def delta_weight(self, base_layer):
-        return _merged_weight(self.factors(base_layer))
+        return _merged_weight(self.placed(base_layer)[0])
 
     def delta_bias(self, base_layer):
-        return _merged_bias(self.factors(base_layer), self.bias())
+        return _merged_bias(*self.placed(base_layer))
 
 
 class KernelMixQuery(_KernelMixDelta):
-    """Q head-wise + shared, on a query projection."""
+    """Q head-wise + shared, on the query rows of a projection."""
 
     def __init__(self, layer: nn.Module, anatomy: AttentionAnatomy, config: KernelMixConfig) -> None:
-        super().__init__(config)
-        d_in, width = layer_geometry(layer).in_features, anatomy.heads * anatomy.head_dim
+        geometry = layer_geometry(layer)
+        super().__init__(config, _row_index(anatomy.query_rows, geometry.out_features), geometry.out_features)
+        width = anatomy.heads * anatomy.head_dim
         bias = getattr(layer, "bias", None) is not None
         if config.r_q:
-            self.q = HeadwiseQuery(d_in, anatomy.heads, anatomy.head_dim, config.r_q, bias)
+            self.q = HeadwiseQuery(geometry.in_features, anatomy.heads, anatomy.head_dim, config.r_q, bias)
         if config.r_q_shared:
-            self.q_shared = SharedLoRA(d_in, width, config.r_q_shared)
+            self.q_shared = SharedLoRA(geometry.in_features, width, config.r_q_shared)
         self._reset(config)
 
 
 class KernelMixValue(_KernelMixDelta):
-    """V head-wise (driven by frozen keys) + shared, on a value projection.
+    """V head-wise (driven by frozen keys) + shared, on the value rows of a projection.
 
-    The keys come from ``key_layer``, or, when it is None, from ``key_rows`` of the adapted layer
-    itself (a fused q|k|v projection). Those rows are copied at creation: another method's delta
-    merged into the same fused layer changes them, and unmerging must see the keys this delta saw.
+    The keys are ``anatomy.key_rows`` of ``key_layer``, or, when it is None, of the adapted layer
+    itself (a fused projection). Those are copied at creation: another method's delta merged into
+    the same fused layer changes them, and unmerging must see the keys this delta saw.
     """
 
     def __init__(
-        self,
-        layer: nn.Module,
-        key_layer: nn.Module | None,
-        anatomy: AttentionAnatomy,
-        config: KernelMixConfig,
-        key_rows: slice | None = None,
+        self, layer: nn.Module, key_layer: nn.Module | None, anatomy: AttentionAnatomy, config: KernelMixConfig
     ) -> None:
-        super().__init__(config)
-        d_in, width = layer_geometry(layer).in_features, anatomy.kv_heads * anatomy.head_dim
+        geometry = layer_geometry(layer)
+        super().__init__(config, _row_index(anatomy.value_rows, geometry.out_features), geometry.out_features)
+        width = anatomy.kv_heads * anatomy.head_dim
         bias = getattr(layer, "bias", None) is not None
         self._key_layer = (key_layer,)  # a reference, not a submodule: the key layer is not ours
         if key_layer is None:
+            key_rows = torch.tensor(anatomy.key_rows, dtype=torch.long)
             key_bias = None if layer.bias is None else layer.bias[key_rows].detach().clone()
             self.register_buffer("frozen_key_weight", _weight(layer)[key_rows].detach().clone(), persistent=False)
             self.register_buffer("frozen_key_bias", key_bias, persistent=False)
+        else:
+            key_out = layer_geometry(key_layer).out_features
+            self.register_buffer("key_rows", _row_index(anatomy.key_rows, key_out), persistent=False)
         if config.r_v:
             self.v = HeadwiseKeyDriven(anatomy.kv_heads, anatomy.head_dim, config.r_v, bias)
         if config.r_v_shared:
-            self.v_shared = SharedLoRA(d_in, width, config.r_v_shared)
+            self.v_shared = SharedLoRA(geometry.in_features, width, config.r_v_shared)
         self._reset(config)
 
     def key_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = self._key_layer[0]
-        w, b = (self.frozen_key_weight, self.frozen_key_bias) if key is None else (_weight(key), key.bias)
+        if key is None:
+            w, b = self.frozen_key_weight, self.frozen_key_bias
+        else:
+            w, b = _weight(key), key.bias
+            if self.key_rows is not None:
+                w, b = w[self.key_rows], None if b is None else b[self.key_rows]
         return w.float(), None if b is None else b.float()
 
     def factors(self, base_layer: nn.Module) -> list[Factors]:
@@ -251,41 +282,32 @@ class KernelMixOutput(_KernelMixDelta):
 
 
 class KernelMixFused(AdapterDelta):
-    """Q and V parts on a fused q|k|v projection (GPT-2's ``c_attn``); its middle third, the keys,
-    is left alone and drives V. Both run as one low-rank product whose up factor has zero key rows."""
+    """Q and V parts on one projection that makes both (GPT-2's ``c_attn``, GPT-NeoX's
+    ``query_key_value``, Phi-3's ``qkv_proj``): one low-rank product whose up factor is zero on the
+    rows neither writes (the keys, which drive V)."""
 
-    def __init__(self, layer: nn.Module, anatomy: AttentionAnatomy, config: KernelMixConfig) -> None:
+    def __init__(
+        self, layer: nn.Module, key_layer: nn.Module | None, anatomy: AttentionAnatomy, config: KernelMixConfig
+    ) -> None:
         super().__init__()
-        self.width = anatomy.heads * anatomy.head_dim
         self.query = KernelMixQuery(layer, anatomy, config)
-        self.value = KernelMixValue(layer, None, anatomy, config, key_rows=slice(self.width, 2 * self.width))
+        self.value = KernelMixValue(layer, key_layer, anatomy, config)
         self.dropout = self.query.dropout
 
-    def _factors(self) -> tuple[list[Factors], torch.Tensor | None]:
-        """The parts with their up factors placed in the q and v thirds of the (3·D)-row output."""
-
-        def place(f: Factors, third: int) -> Factors:
-            up = f.up.new_zeros(3 * self.width, f.up.shape[1])
-            up[third * self.width : (third + 1) * self.width] = f.up
-            return Factors(f.down, up, f.down_bias, f.keys)
-
-        factors = [place(f, 0) for f in self.query.factors(None)] + [place(f, 2) for f in self.value.factors(None)]
-        q_bias, v_bias = self.query.bias(), self.value.bias()
-        bias = None
-        if q_bias is not None or v_bias is not None:
-            zero = factors[0].up.new_zeros(self.width)
-            bias = torch.cat([zero if q_bias is None else q_bias, zero, zero if v_bias is None else v_bias])
-        return factors, bias
+    def placed(self, base_layer: nn.Module) -> tuple[list[Factors], torch.Tensor | None]:
+        (q_factors, q_bias), (v_factors, v_bias) = self.query.placed(base_layer), self.value.placed(base_layer)
+        biases = [b for b in (q_bias, v_bias) if b is not None]
+        return q_factors + v_factors, sum(biases) if biases else None
 
     def forward(self, x, result, base_layer):
         x = x.to(torch.float32)
-        return result + _low_rank(x, self.dropout(x), *self._factors()).to(result.dtype)
+        return result + _low_rank(x, self.dropout(x), *self.placed(base_layer)).to(result.dtype)
 
     def delta_weight(self, base_layer):
-        return _merged_weight(self._factors()[0])
+        return _merged_weight(self.placed(base_layer)[0])
 
     def delta_bias(self, base_layer):
-        return _merged_bias(*self._factors())
+        return _merged_bias(*self.placed(base_layer))
 
 
 def kernel_mix_deltas(block: nn.Module, name: str, config: KernelMixConfig) -> dict[str, AdapterDelta]:
@@ -295,14 +317,17 @@ def kernel_mix_deltas(block: nn.Module, name: str, config: KernelMixConfig) -> d
     def layer(path: str) -> nn.Module:
         return unwrapped(get_submodule(block, path))
 
+    # Keys in the value layer itself are copied by the delta; a separate key layer is read live.
+    key_layer = None if anatomy.key == anatomy.value else layer(anatomy.key)
+    adapts_q, adapts_v = bool(config.r_q or config.r_q_shared), bool(config.r_v or config.r_v_shared)
     deltas: dict[str, AdapterDelta] = {}
-    if anatomy.fused:
-        deltas[anatomy.query] = KernelMixFused(layer(anatomy.query), anatomy, config)
+    if adapts_q and adapts_v and anatomy.query == anatomy.value:
+        deltas[anatomy.query] = KernelMixFused(layer(anatomy.query), key_layer, anatomy, config)
     else:
-        if config.r_q or config.r_q_shared:
+        if adapts_q:
             deltas[anatomy.query] = KernelMixQuery(layer(anatomy.query), anatomy, config)
-        if config.r_v or config.r_v_shared:
-            deltas[anatomy.value] = KernelMixValue(layer(anatomy.value), layer(anatomy.key), anatomy, config)
-    if config.r_v or config.r_v_shared:
+        if adapts_v:
+            deltas[anatomy.value] = KernelMixValue(layer(anatomy.value), key_layer, anatomy, config)
+    if adapts_v:
         deltas[anatomy.output] = KernelMixOutput(layer(anatomy.output), anatomy, config)
     return deltas
