@@ -266,3 +266,25 @@ def test_bad_input_is_one_line_and_exit_code_2(assets, tmp_path, capsys, monkeyp
         assert code == 2, (args, err)
         assert words in err and "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
         assert not (tmp_path / "run" / "metrics.json").exists(), args
+
+
+def test_export_a_flora_run_as_a_plain_lora_that_peft_loads(assets, tmp_path, capsys) -> None:
+    code, _ = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "flora",
+                       "--lr", "0.02")  # fmt: skip
+    assert code == 0
+    lora = tmp_path / "lora"
+    assert main(["export", "--adapter", str(tmp_path / "run"), "--rank", "64", "--out", str(lora)]) == 0
+    assert "max relative error" in capsys.readouterr().out
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    from structpeft.workflow.run import _load, _spec_of, restore
+    from structpeft.workflow.train import TrainSettings, evaluate
+
+    spec = _spec_of(tmp_path / "run")
+    task, loaded = _load(spec)
+    ours = evaluate(restore(tmp_path / "run", spec, task, loaded), loaded, task, "test", TrainSettings())
+    base = AutoModelForSequenceClassification.from_pretrained(assets["bert"], num_labels=2)
+    theirs = peft.PeftModel.from_pretrained(base, lora)
+    assert evaluate(theirs, loaded, task, "test", TrainSettings())["loss"] == pytest.approx(ours["loss"], abs=1e-4)
+    assert main(["export", "--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2  # rank or energy

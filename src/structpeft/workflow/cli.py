@@ -7,6 +7,7 @@
   structpeft budget --model minilm --method lora --params 100000
   structpeft report runs/results.jsonl --plot runs/results.png
   structpeft generate --adapter runs/my-lm --prompt "Once upon a time"
+  structpeft export --adapter runs/flora --rank 16 --out runs/flora-as-lora
 
 Argument parsing only; what each command does is in structpeft.workflow.run.
 """
@@ -102,6 +103,13 @@ def make_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="table and plot of runs")
     rp.add_argument("sources", nargs="*", default=["runs/results.jsonl"], help="results files or run folders")
     rp.add_argument("--plot", default=None, help="write the accuracy-vs-parameters plot here (PNG)")
+    ex = sub.add_parser("export", help="write a run's adapter as a plain HF PEFT LoRA (truncated SVD of ΔW)")
+    ex.add_argument("--adapter", required=True, help="a run folder written by finetune")
+    ex.add_argument("--out", required=True, help="folder for the LoRA checkpoint")
+    ex.add_argument("--rank", type=int, default=None, help="singular values kept per layer")
+    ex.add_argument("--energy", type=float, default=None, help="per layer, keep this fraction of ΔW's energy")
+    ex.add_argument("--uniform-rank", action="store_true", help="one rank for every layer (8, 16, ..., 256)")
+    ex.add_argument("--lora-bias", action="store_true", help="carry bias shifts as PEFT's lora_bias")
     ge = sub.add_parser("generate", help="complete a prompt with a causal-LM run's adapter")
     ge.add_argument("--adapter", required=True)
     ge.add_argument("--prompt", required=True)
@@ -127,6 +135,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if args.max_new_tokens < 1:
             raise run.UsageError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
         print(run.generate(Path(args.adapter), args.prompt, args.max_new_tokens, args.device))
+    elif args.command == "export":
+        run.export(Path(args.adapter), Path(args.out), args.rank, args.energy, args.uniform_rank, args.lora_bias)
     elif args.command == "budget":
         if args.params < 1:
             raise run.UsageError(f"--params must be a positive integer, got {args.params}")
