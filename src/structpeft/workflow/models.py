@@ -89,11 +89,13 @@ def _dinov2_small(task: Task) -> LoadedModel:
 
     backbone = load_dinov2_small(image_size=112)
     config = backbone.config
+    config.image_size = 518  # the size its position embeddings were trained at; inputs are interpolated
     config.num_labels = task.num_labels
     config.id2label = dict(enumerate(task.label_names or []))
     config.label2id = {v: k for k, v in config.id2label.items()}
     model = Dinov2ForImageClassification(config)
     model.dinov2.load_state_dict(backbone.state_dict())
+    model.config.image_size = 112
     return LoadedModel(model, "dinov2_small", "vit", ["classifier"], image_size=112)
 
 
