@@ -129,6 +129,10 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimiz
     )
 
 
+def _worker_seeds() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
 def bar_mode(setting: str) -> str:
     if setting == "auto":
         return "bar" if sys.stderr.isatty() else "lines"
@@ -172,7 +176,9 @@ def fit(
     collate = collate_fn(task, loaded, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     batches = GlobalBatches(len(task.train), settings.batch_size, generator, processes)
-    loader = DataLoader(task.train, batch_sampler=batches, collate_fn=collate)
+    # A loader draws a seed for its workers from its own generator, else from torch's global RNG,
+    # which drives dropout: give it its own so that a resumed epoch sees the same dropout masks.
+    loader = DataLoader(task.train, batch_sampler=batches, collate_fn=collate, generator=_worker_seeds())
     optimizer = _optimizer(model, settings)
     steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
     total = steps_per_epoch * settings.epochs
@@ -286,7 +292,9 @@ def evaluate(
     device = resolve_device(settings.device, processes)
     model.to(device).eval()
     examples: Sequence[dict] = task.split(split)
-    loader = DataLoader(examples, settings.eval_batch_size, collate_fn=collate_fn(task, loaded, settings))
+    loader = DataLoader(
+        examples, settings.eval_batch_size, collate_fn=collate_fn(task, loaded, settings), generator=_worker_seeds()
+    )
     total_loss, targets, correct = 0.0, 0, 0
     for batch in tqdm(loader, desc=split, unit="batch", disable=not progress, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
