@@ -1,0 +1,146 @@
+"""Coeff-Tuning on every architecture of tests/architectures.py, against the model's own eager attention.
+
+The reference keeps each model's eager attention function (soft-capping, sinks, position bias,
+sliding-window masks and all) and only exposes its maps: it mixes them head by head in loops,
+``O_h = Σ_k C[h, k] A_k V_{g(h)}`` with ``C = I + α``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import structpeft as sp
+from tests.architectures import ARCHITECTURES, Architecture, outputs
+
+# The attention modules a Coeff adapter takes in each tiny model (two layers per stack; an
+# encoder-decoder has encoder self-attention, decoder self-attention and cross-attention).
+EXPECTED_MODULES = {"encoder": 2, "decoder": 2, "encoder-decoder": 6}
+EXTRA_MODULES = {"siglip_vision": 1}  # its pooling head is a torch.nn.MultiheadAttention
+IDS = [a.name for a in ARCHITECTURES]
+
+
+def alphas(model: sp.PeftModel, adapter: str = "default") -> dict[str, torch.Tensor]:
+    return {n: h.adapters[adapter]["coeff"].coeff_alpha for n, h in model.adapter_hosts() if adapter in h.adapters}
+
+
+def mix_maps_per_head(maps: torch.Tensor, value: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``O_h = Σ_k C[h, k] A_k V_{g(h)}``, one head and one map at a time; maps (B, H, N, M)."""
+    heads = maps.shape[1]
+    group = heads // value.shape[1]
+    mixing = torch.eye(heads, dtype=alpha.dtype) + alpha
+    out = []
+    for h in range(heads):
+        mixed = sum(mixing[h, k] * maps[:, k] for k in range(heads))  # (B, N, M)
+        out.append(mixed @ value[:, h // group])
+    return torch.stack(out, dim=1)  # (B, H, N, d)
+
+
+def eager_with_maps_mixed(own_eager, alpha_of):
+    """The model's own eager attention, its maps then mixed by the module's reference α."""
+
+    def forward(module, query, key, value, attention_mask, *args, **kwargs):
+        _, maps = own_eager(module, query, key, value, attention_mask, *args, **kwargs)
+        alpha = alpha_of(module)
+        if alpha is None:
+            return own_eager(module, query, key, value, attention_mask, *args, **kwargs)
+        out = mix_maps_per_head(maps, value, alpha)
+        return out.transpose(1, 2).contiguous(), maps
+
+    return forward
+
+
+def reference_model(arch: Architecture, model: sp.PeftModel, monkeypatch) -> tuple[torch.nn.Module, dict]:
+    """The same weights under eager attention, each module mixing with a copy of ``model``'s α."""
+    reference = arch.build("eager")
+    copies = {}
+    for path, alpha in alphas(model).items():
+        module = reference.get_submodule(path)
+        if isinstance(module, torch.nn.MultiheadAttention):  # SigLIP's pooling head: not in the judged output
+            continue
+        copies[path] = module.reference_alpha = alpha.detach().clone().requires_grad_(True)
+        modeling = importlib.import_module(type(module).__module__)
+        own = getattr(modeling, "eager_attention_forward")
+        if not getattr(own, "mixes_maps", False):
+            patched = eager_with_maps_mixed(own, lambda m: getattr(m, "reference_alpha", None))
+            patched.mixes_maps = True
+            monkeypatch.setattr(modeling, "eager_attention_forward", patched)
+    return reference, copies
+
+
+def adapted(arch: Architecture, implementation: str, **config) -> sp.PeftModel:
+    return sp.get_peft_model(arch.build(implementation), sp.CoeffConfig(**config))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=IDS)
+def test_coeff_takes_every_attention_module_and_zero_start_equals_the_base(arch: Architecture) -> None:
+    x = arch.inputs(0)
+    for implementation in arch.implementations:
+        with torch.no_grad():
+            expected = outputs(arch.build(implementation), x)
+            model = adapted(arch, implementation)
+            assert len(alphas(model)) == EXPECTED_MODULES[arch.kind] + EXTRA_MODULES.get(arch.name, 0)
+            got = outputs(model, x)
+        assert torch.allclose(arch.judged(x, got), arch.judged(x, expected), atol=1e-5), implementation
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=IDS)
+def test_coeff_matches_the_models_own_eager_maps_mixed_per_head(arch: Architecture, monkeypatch) -> None:
+    x = arch.inputs(1)
+    base = arch.judged(x, outputs(arch.build("eager"), x)).detach()
+    for implementation in arch.implementations:
+        model = adapted(arch, implementation, init_weights=False)
+        reference, reference_alphas = reference_model(arch, model, monkeypatch)
+        got, want = arch.judged(x, outputs(model, x)), arch.judged(x, outputs(reference, x))
+        assert not torch.allclose(want, base, atol=1e-3)  # the mixing does something
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (implementation, (got - want).abs().max())
+        got.square().sum().backward()
+        want.square().sum().backward()
+        for path, alpha in alphas(model).items():
+            if path not in reference_alphas:
+                continue
+            assert torch.allclose(alpha.grad, reference_alphas[path].grad, atol=1e-5, rtol=1e-4), path
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=IDS)
+def test_coeff_one_training_step_moves_every_alpha(arch: Architecture) -> None:
+    model = adapted(arch, arch.implementations[-1], dropout=0.0).train()
+    before = {p: a.detach().clone() for p, a in alphas(model).items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = arch.inputs(2)
+    out = model(**x)
+    loss = arch.judged(x, out.logits if "logits" in out else out.last_hidden_state).square().mean()
+    if out.get("pooler_output") is not None:  # SigLIP's pooling head is attention too
+        loss = loss + out.pooler_output.square().mean()
+    loss.backward()
+    optimizer.step()
+    moved = {p: not torch.equal(a, before[p]) for p, a in alphas(model).items()}
+    assert all(moved.values()), moved
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=IDS)
+def test_coeff_save_load_round_trip_and_disabled_equals_base(arch: Architecture, tmp_path) -> None:
+    implementation = arch.implementations[-1]
+    x = arch.inputs(3)
+    model = adapted(arch, implementation, init_weights=False)
+    with torch.no_grad():
+        expected = outputs(model, x)
+        base = outputs(arch.build(implementation), x)
+        with model.disable_adapter():
+            assert torch.equal(outputs(model, x), base)  # disabled: the model's own attention, untouched
+        model.save_pretrained(tmp_path)
+        loaded = sp.PeftModel.from_pretrained(arch.build(implementation), tmp_path)
+        assert torch.equal(outputs(loaded, x), expected)
+        assert not torch.allclose(arch.judged(x, expected), arch.judged(x, base), atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHITECTURES if len(a.implementations) > 1], ids=lambda a: a.name)
+def test_coeff_under_sdpa_equals_coeff_under_eager(arch: Architecture) -> None:
+    x = arch.inputs(4)
+    with torch.no_grad():
+        sdpa = outputs(adapted(arch, "sdpa", init_weights=False), x)
+        eager = outputs(adapted(arch, "eager", init_weights=False), x)
+    assert torch.allclose(arch.judged(x, sdpa), arch.judged(x, eager), atol=1e-5)
