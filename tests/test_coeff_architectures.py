@@ -62,7 +62,7 @@ def reference_model(arch: Architecture, model: sp.PeftModel, monkeypatch) -> tup
             continue
         copies[path] = module.reference_alpha = alpha.detach().clone().requires_grad_(True)
         modeling = importlib.import_module(type(module).__module__)
-        own = getattr(modeling, "eager_attention_forward")
+        own = modeling.eager_attention_forward
         if not getattr(own, "mixes_maps", False):
             patched = eager_with_maps_mixed(own, lambda m: getattr(m, "reference_alpha", None))
             patched.mixes_maps = True
