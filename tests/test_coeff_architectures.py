@@ -1,19 +1,17 @@
 """Coeff-Tuning on every architecture of tests/architectures.py, against the model's own eager attention.
 
-The reference keeps each model's eager attention function (soft-capping, sinks, position bias,
-sliding-window masks and all) and only exposes its maps: it mixes them head by head in loops,
-``O_h = Σ_k C[h, k] A_k V_{g(h)}`` with ``C = I + α``.
+The reference (tests/eager_reference.py) keeps each model's eager attention function and only
+mixes the maps it returns, head by head in loops.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 
 import structpeft as sp
 from tests.architectures import ARCHITECTURES, Architecture, outputs
+from tests.eager_reference import mixing_reference
 
 # The attention modules a Coeff adapter takes in each tiny model (two layers per stack; an
 # encoder-decoder has encoder self-attention, decoder self-attention and cross-attention).
@@ -24,50 +22,6 @@ IDS = [a.name for a in ARCHITECTURES]
 
 def alphas(model: sp.PeftModel, adapter: str = "default") -> dict[str, torch.Tensor]:
     return {n: h.adapters[adapter]["coeff"].coeff_alpha for n, h in model.adapter_hosts() if adapter in h.adapters}
-
-
-def mix_maps_per_head(maps: torch.Tensor, value: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``O_h = Σ_k C[h, k] A_k V_{g(h)}``, one head and one map at a time; maps (B, H, N, M)."""
-    heads = maps.shape[1]
-    group = heads // value.shape[1]
-    mixing = torch.eye(heads, dtype=alpha.dtype) + alpha
-    out = []
-    for h in range(heads):
-        mixed = sum(mixing[h, k] * maps[:, k] for k in range(heads))  # (B, N, M)
-        out.append(mixed @ value[:, h // group])
-    return torch.stack(out, dim=1)  # (B, H, N, d)
-
-
-def eager_with_maps_mixed(own_eager, alpha_of):
-    """The model's own eager attention, its maps then mixed by the module's reference α."""
-
-    def forward(module, query, key, value, attention_mask, *args, **kwargs):
-        _, maps = own_eager(module, query, key, value, attention_mask, *args, **kwargs)
-        alpha = alpha_of(module)
-        if alpha is None:
-            return own_eager(module, query, key, value, attention_mask, *args, **kwargs)
-        out = mix_maps_per_head(maps, value, alpha)
-        return out.transpose(1, 2).contiguous(), maps
-
-    return forward
-
-
-def reference_model(arch: Architecture, model: sp.PeftModel, monkeypatch) -> tuple[torch.nn.Module, dict]:
-    """The same weights under eager attention, each module mixing with a copy of ``model``'s α."""
-    reference = arch.build("eager")
-    copies = {}
-    for path, alpha in alphas(model).items():
-        module = reference.get_submodule(path)
-        if isinstance(module, torch.nn.MultiheadAttention):  # SigLIP's pooling head: not in the judged output
-            continue
-        copies[path] = module.reference_alpha = alpha.detach().clone().requires_grad_(True)
-        modeling = importlib.import_module(type(module).__module__)
-        own = modeling.eager_attention_forward
-        if not getattr(own, "mixes_maps", False):
-            patched = eager_with_maps_mixed(own, lambda m: getattr(m, "reference_alpha", None))
-            patched.mixes_maps = True
-            monkeypatch.setattr(modeling, "eager_attention_forward", patched)
-    return reference, copies
 
 
 def adapted(arch: Architecture, implementation: str, **config) -> sp.PeftModel:
@@ -87,22 +41,20 @@ def test_coeff_takes_every_attention_module_and_zero_start_equals_the_base(arch:
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=IDS)
-def test_coeff_matches_the_models_own_eager_maps_mixed_per_head(arch: Architecture, monkeypatch) -> None:
+def test_coeff_matches_the_models_own_eager_maps_mixed_per_head(arch: Architecture) -> None:
     x = arch.inputs(1)
     base = arch.judged(x, outputs(arch.build("eager"), x)).detach()
     for implementation in arch.implementations:
         model = adapted(arch, implementation, init_weights=False)
-        reference, reference_alphas = reference_model(arch, model, monkeypatch)
-        got, want = arch.judged(x, outputs(model, x)), arch.judged(x, outputs(reference, x))
+        reference = arch.build("eager")
+        with mixing_reference(reference, alphas(model)) as reference_alphas:
+            got, want = arch.judged(x, outputs(model, x)), arch.judged(x, outputs(reference, x))
         assert not torch.allclose(want, base, atol=1e-3)  # the mixing does something
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (implementation, (got - want).abs().max())
         got.square().sum().backward()
         want.square().sum().backward()
-        for path, alpha in alphas(model).items():
-            if path not in reference_alphas:
-                continue
-            assert torch.allclose(alpha.grad, reference_alphas[path].grad, atol=1e-5, rtol=1e-4), path
-        monkeypatch.undo()
+        for path, alpha in reference_alphas.items():
+            assert torch.allclose(alphas(model)[path].grad, alpha.grad, atol=1e-5, rtol=1e-4), path
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=IDS)
