@@ -175,3 +175,19 @@ def test_generate_with_a_kv_cache_equals_the_full_sequence_each_step(arch, imple
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() counts them past left padding
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
             assert torch.equal(logits.argmax(-1), generated[:, start + step]), step
+
+
+def test_deepcopy_and_pickle_of_a_hooked_multihead_attention() -> None:
+    from tests.models import MHANet, _mha_inputs
+
+    torch.manual_seed(0)
+    model = sp.get_peft_model(MHANet().eval(), sp.CoeffConfig(init_weights=False))
+    x = _mha_inputs(0)
+    expected = model(**x)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert hooks.is_hooked(clone.base_model.attn)
+        assert torch.equal(clone(**x), expected)
+        with torch.no_grad():
+            alphas(clone)[0].zero_()
+        assert not torch.allclose(clone(**x), expected, atol=1e-4)  # the clone mixes with its own α
+        assert torch.equal(model(**x), expected)

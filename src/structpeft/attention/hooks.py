@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -258,7 +257,8 @@ def install(module: nn.Module, name: str = "") -> None:
     if is_hooked(module):
         return
     if isinstance(module, nn.MultiheadAttention):
-        module.forward = types.MethodType(_mixed_mha_forward, module)
+        # A partial of a module-level function, unlike a bound method, survives pickling and deepcopy.
+        module.forward = functools.partial(_mixed_mha_forward, module)
         return
     module.register_forward_pre_hook(_route_through_mixing)
     module.register_forward_hook(_restore_implementation, always_call=True)
