@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import structpeft as sp  # noqa: E402
 from tests.eager_reference import mixing_reference  # noqa: E402
+
+import structpeft as sp  # noqa: E402
 
 WIDTH, HEADS, KV_HEADS, HEAD_DIM, VOCAB, SEQ = 64, 4, 2, 16, 128, 7
 # Config fields made tiny wherever the default config has them (sub-configs too).
