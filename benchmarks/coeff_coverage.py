@@ -13,8 +13,10 @@ shorter than the input), eager attention, and with sdpa too where the model supp
   the module.
 
 Each model lands in one bucket: exact, refused clearly (at get_peft_model), failed (an error
-anywhere else, including a refusal only at the first forward), wrong (a mismatch); models whose
-shrunk config does not build or run without structpeft are listed apart and not counted.
+anywhere else, including a refusal only at the first forward), wrong (a mismatch). Listed apart
+and not counted: models whose shrunk config does not build or run without structpeft, and models
+whose hooked attention modules do not run on text input (an image encoder beside a text decoder
+that computes its own attention).
 Padded positions (fully masked rows, which each implementation fills differently) are not judged.
 """
 
@@ -48,7 +50,8 @@ SHRINK = {
     **dict.fromkeys(("intermediate_size", "ffn_dim", "decoder_ffn_dim", "ffn_hidden_size", "d_ff"), 96),
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size"), 32),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k_experts"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k_experts", "moe_k"), 2),
+    **dict.fromkeys(("n_group", "topk_group"), 1),
     "head_dim": HEAD_DIM,
     "d_kv": HEAD_DIM,
     "kv_channels": HEAD_DIM,
@@ -67,14 +70,15 @@ SHRINK = {
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id")
 
 
-def shrunk(defaults: dict) -> dict:
-    """The overrides that make a default config (as a dict) tiny."""
+def shrunk(defaults: dict, grouped: bool = True) -> dict:
+    """The overrides that make a default config (as a dict) tiny; ``grouped=False`` keeps as many
+    key/value heads as query heads (for models whose attention has no grouped-query form)."""
     out = {}
     for key, value in defaults.items():
         if isinstance(value, dict) and "model_type" in value:
-            out[key] = {**value, **shrunk(value)}
+            out[key] = {**value, **shrunk(value, grouped)}
         elif key in SHRINK and value is not None and isinstance(value, int) and not isinstance(value, bool):
-            out[key] = SHRINK[key]
+            out[key] = SHRINK[key] if grouped or SHRINK[key] != KV_HEADS else HEADS
         elif key in TOKEN_IDS and isinstance(value, int) and value >= VOCAB:
             out[key] = 2
         elif key in TOKEN_IDS and isinstance(value, list):
@@ -91,14 +95,28 @@ def shrunk(defaults: dict) -> dict:
     return out
 
 
-def build(model_type: str, implementation: str) -> torch.nn.Module:
+def build(model_type: str, implementation: str, grouped: bool = True) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     defaults = AutoConfig.for_model(model_type).to_dict()
-    config = AutoConfig.for_model(model_type, **shrunk(defaults))
+    config = AutoConfig.for_model(model_type, **shrunk(defaults, grouped))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
     return model.float().eval()
+
+
+def runnable_base(model_type: str) -> tuple[torch.nn.Module, bool]:
+    """The tiny eager model and whether it has grouped key/value heads; raises if neither form runs."""
+    for grouped in (True, False):
+        try:
+            base = build(model_type, "eager", grouped)
+            with torch.no_grad():
+                base(**inputs(base))
+            return base, grouped
+        except Exception:  # noqa: BLE001 - try the other form, then report the error
+            if not grouped:
+                raise
+    raise AssertionError("unreachable")
 
 
 def inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -140,15 +158,31 @@ def alphas(model: sp.PeftModel) -> dict[str, torch.Tensor]:
     return {n: h.adapters["default"]["coeff"].coeff_alpha for n, h in model.adapter_hosts()}
 
 
+def ran_modules(model: sp.PeftModel, x: dict[str, torch.Tensor]) -> list[str]:
+    """The hooked attention modules a forward on ``x`` runs."""
+    ran: list[str] = []
+    handles = [
+        model.base_model.get_submodule(path).register_forward_hook(lambda *_, p=path: ran.append(p))
+        for path in alphas(model)
+    ]
+    try:
+        with torch.no_grad():
+            model(**x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
+
+
 def check(model_type: str) -> tuple[str, str]:
     """(bucket, detail) for one model type."""
     try:
-        base = build(model_type, "eager")
+        base, grouped = runnable_base(model_type)
         x = inputs(base)
         with torch.no_grad():
             expected = logits(base, x)
     except Exception as error:  # noqa: BLE001 - any failure of transformers itself
-        return "unbuildable", f"{type(error).__name__}: {str(error)[:160]}"
+        return "unbuildable", f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
     try:
         model = sp.get_peft_model(copy.deepcopy(base), sp.CoeffConfig(init_weights=False, dropout=0.0))
     except (ValueError, TypeError) as error:
@@ -156,7 +190,7 @@ def check(model_type: str) -> tuple[str, str]:
     try:
         implementations = ["eager"] + (["sdpa"] if getattr(base, "_supports_sdpa", False) else [])
         for implementation in implementations:
-            plain = base if implementation == "eager" else build(model_type, "sdpa")
+            plain = base if implementation == "eager" else build(model_type, "sdpa", grouped)
             zero = sp.get_peft_model(copy.deepcopy(plain), sp.CoeffConfig())
             with torch.no_grad():
                 if not close(logits(zero, x), expected):
@@ -168,9 +202,13 @@ def check(model_type: str) -> tuple[str, str]:
                 reference = copy.deepcopy(base)
                 with mixing_reference(reference, alphas(model)):
                     want = logits(reference, x)
-                got = logits(mixed, x)
+                ran = ran_modules(mixed, x)
+            if not ran:
+                return "unexercised", f"its {len(alphas(model))} hooked attention modules do not run on text input"
             if close(want, expected):
                 return "wrong", "the reference's mixing changes nothing: the check would prove nothing"
+            with torch.no_grad():
+                got = logits(mixed, x)
             if not close(got, want):
                 return "wrong", f"{implementation}: max |Δ| {(got - want).abs().max().item():.2e} from the reference"
         return "exact", f"{len(alphas(model))} attention modules, {'+'.join(implementations)}"
@@ -206,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     judged = sum(counts[b] for b in ("exact", "refused", "failed", "wrong"))
     print(
         f"\n{judged} model types judged in {time.perf_counter() - start:.0f} s "
-        f"({counts['unbuildable']} more do not build or run from a shrunk config):"
+        f"({counts['unbuildable']} more do not build or run from a shrunk config; {counts['unexercised']} have "
+        "hooked attention only outside the text path, e.g. an image encoder):"
     )
     for bucket, label in (
         ("exact", "exact"),
