@@ -2,7 +2,7 @@
 
 The model's eager attention function (from its modeling file) keeps everything the model does to
 its scores (soft-capping, sinks, position bias, sliding-window masks); the reference only takes
-the maps it returns and mixes them head by head in loops, ``O_h = Σ_k C[h, k] A_k V_{g(h)}`` with
+the maps its output is made of and mixes them head by head in loops, ``O_h = Σ_k C[h, k] A_k V_{g(h)}`` with
 ``C = I + α``. Used by the tests and by benchmarks/coeff_coverage.py.
 """
 
@@ -28,15 +28,24 @@ def mix_maps_per_head(maps: torch.Tensor, value: torch.Tensor, alpha: torch.Tens
     return torch.stack(out, dim=1)  # (B, H, N, d)
 
 
+def effective_maps(own_eager, module, query, key, value, attention_mask, *args, **kwargs) -> torch.Tensor:
+    """The maps the eager function's output is made of, ``out_h = E_h V_{g(h)}``: its output with
+    the identity for values (attention is linear in them). Unlike the maps it returns, these carry
+    whatever it does after the softmax too (granite_swa scales outputs by its sinks)."""
+    batch, kv_heads, m, _ = value.shape
+    identity = torch.eye(m, dtype=value.dtype).expand(batch, kv_heads, m, m)
+    out, _ = own_eager(module, query, key, identity, attention_mask, *args, **kwargs)  # (B, N, H, M)
+    return out.transpose(1, 2)  # (B, H, N, M)
+
+
 def _maps_mixed(own_eager):
     def forward(module, query, key, value, attention_mask, *args, **kwargs):
         alpha = getattr(module, "reference_alpha", None)
         out, maps = own_eager(module, query, key, value, attention_mask, *args, **kwargs)
         if alpha is None:
             return out, maps
-        if maps is None:
-            raise RuntimeError(f"the eager attention of {type(module).__name__} returns no maps to mix")
-        return mix_maps_per_head(maps, value, alpha).transpose(1, 2).contiguous(), maps
+        effective = effective_maps(own_eager, module, query, key, value, attention_mask, *args, **kwargs)
+        return mix_maps_per_head(effective, value, alpha).transpose(1, 2).contiguous(), maps
 
     forward.mixes_maps = True
     return forward

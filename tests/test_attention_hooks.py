@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import structpeft as sp
 from structpeft.attention import hooks
@@ -69,7 +70,7 @@ def test_a_second_model_sharing_nothing_never_runs_structpeft(mixing_calls) -> N
     assert len(mixing_calls) == 2  # one per hooked attention module
     assert torch.equal(outputs(plain, x), expected)
     assert len(mixing_calls) == 2 and not hooked_modules(plain)
-    assert plain.config._attn_implementation == "sdpa"
+    assert interface_untouched()
 
 
 def test_a_disabled_adapter_runs_no_structpeft_attention(mixing_calls) -> None:
@@ -108,13 +109,56 @@ def test_pickling_the_config_and_the_model_of_a_hooked_model() -> None:
     assert torch.equal(outputs(clone, x), expected)
 
 
-def test_a_config_named_structpeft_does_not_survive_a_failed_forward() -> None:
+def interface_untouched() -> bool:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return ALL_ATTENTION_FUNCTIONS["sdpa"] is sdpa_attention_forward and "eager" not in ALL_ATTENTION_FUNCTIONS
+
+
+def test_the_interface_is_left_as_it_was_after_a_forward_and_after_a_failed_one() -> None:
     model = coeff(BERT)
+    outputs(model, BERT.inputs(0))
+    assert interface_untouched()
     delta = next(h for _, h in model.adapter_hosts()).adapters["default"]["coeff"]
     delta.coeff_alpha = torch.nn.Parameter(torch.zeros(3, 3))  # fails inside the mixed attention
     with pytest.raises(ValueError, match=r"ran 4 heads but its head mixing is \(3, 3\)"):
         outputs(model, BERT.inputs(0))
-    assert model.config._attn_implementation == "sdpa"
+    assert interface_untouched()
+    assert torch.equal(outputs(BERT.build("sdpa"), BERT.inputs(0)), outputs(BERT.build("sdpa"), BERT.inputs(0)))
+
+
+class OwnEagerAttention(torch.nn.Module):
+    """Reads the interface for sdpa but calls its own eager function directly (the pre-4.48 pattern)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config, self.num_heads = config, 2
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.proj(x)  # (B, H, N, d)
+        if self.config._attn_implementation == "eager":
+            maps = torch.softmax(query @ query.transpose(-1, -2), dim=-1)
+            return maps @ query
+        out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](self, query, query, query, None)
+        return out.transpose(1, 2)
+
+
+def test_a_module_that_bypasses_the_interface_raises_instead_of_dropping_alpha() -> None:
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig()
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(OwnEagerAttention(config)).eval()
+    query = torch.randn(1, 2, 3, 4)
+    expected = base(query)
+    model = sp.get_peft_model(base, sp.CoeffConfig(init_weights=False, dropout=0.0))
+    assert not torch.allclose(model(query), expected, atol=1e-4)  # sdpa: looked up, mixed
+    config._attn_implementation = "eager"
+    with pytest.raises(RuntimeError, match="OwnEagerAttention did not look its 'eager' attention up"):
+        model(query)
+    assert interface_untouched()
 
 
 @pytest.mark.parametrize("switch", ["set_attn_implementation", "by_hand"])

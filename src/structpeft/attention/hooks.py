@@ -6,13 +6,15 @@ the active terms add up to ``C = I + Σ Δ`` and attention runs with mixed maps
 (:func:`~structpeft.attention.maps.mixed_head_attention`). With no active term (none attached,
 adapters disabled) the module runs exactly the attention it ran before, without structpeft code.
 
-- transformers models: their attention modules call the function that
-  ``config._attn_implementation`` names in ``transformers.AttentionInterface``. A forward pre-hook
-  on each hooked module points its config at ``structpeft+<implementation>`` for the duration of
-  that module's forward, and only while a mixer is active; a forward hook puts the name back. So
-  the model builds its masks for the implementation it runs, unhooked modules (and other models
-  sharing nothing) never see structpeft, and a later ``set_attn_implementation`` is honoured at
-  the next forward (or refused there, if it forms no maps).
+- transformers models: their attention modules look the function up by
+  ``config._attn_implementation`` in the ``AttentionInterface`` their forward reads
+  (``ALL_ATTENTION_FUNCTIONS``). While a mixer is active, a forward pre-hook on the hooked module
+  puts the mixed attention under that very name in the interface's local mapping, for the length
+  of that module's forward only; a forward hook (run on errors too) takes it out again. Nothing
+  is renamed: the model builds its masks and takes its branches for the implementation it runs,
+  a later ``set_attn_implementation`` is honoured at the next forward (or refused there if it
+  forms no maps), and a module that did not look its attention up there raises rather than
+  silently dropping the mixing. Unhooked modules and other models never run structpeft code.
 - ``torch.nn.MultiheadAttention``: its forward is replaced on the instance.
 
 All bookkeeping lives on the hooked module: its hooks and its adapter host.
@@ -31,17 +33,17 @@ from torch import nn
 from structpeft.attention.maps import mixed_head_attention
 from structpeft.core.layers import module_host
 
-PREFIX = "structpeft+"
 MIXABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 # Keyword arguments transformers' attention modules pass that carry no maths the mixed path must
 # reproduce: positions and cache bookkeeping (tensors), and the window sdpa and eager masks carry.
 _INERT_KWARGS = frozenset(
     {"position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "sliding_window", "is_causal"}
 )
-# Keyword arguments whose maths the mixed path reproduces.
-_MATHS_KWARGS = frozenset({"position_bias", "softcap", "s_aux"})
-# Where the pre-hook leaves the implementation name it replaced, for the forward hook to restore.
-_REPLACED = "_structpeft_replaced_attention"
+# Keyword arguments whose maths the mixed path reproduces ("sinks": Inkling 2's per-query sink logits).
+_MATHS_KWARGS = frozenset({"position_bias", "softcap", "s_aux", "sinks"})
+# Where the pre-hook leaves what it put in the interface, for the forward hook to take out.
+_ROUTED = "_structpeft_routed_attention"
+_MISSING = object()
 
 
 @runtime_checkable
@@ -124,15 +126,18 @@ def _mixed_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     *,
-    replaced: str,
+    route: _Route,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stands in for ``replaced`` (sdpa or eager) and takes the same arguments, with mixed maps.
+    """Stands in for ``route.replaced`` (sdpa or eager) and takes the same arguments, with mixed maps.
 
     Reproduced: masks as ``replaced`` builds them (sliding windows included), ``softcap`` (tanh
-    on the scores before the mask, as eager does), ``s_aux`` (per-head sinks joining the softmax
-    denominator), ``position_bias`` (added to the scores). Anything else is refused by name.
+    on the scores before the mask, as eager does), ``s_aux`` / ``sinks`` (sink logits joining the
+    softmax denominator), ``position_bias`` (added to the scores). Anything else is refused by name.
     """
+    if module is not route.owner:  # another module calling the interface during the owner's forward
+        return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    route.ran = True
     # Flags, counts and cache objects pass through; a tensor or a float is maths we would drop.
     unknown = sorted(
         k for k, v in kwargs.items() if isinstance(v, (torch.Tensor, float)) and k not in _INERT_KWARGS | _MATHS_KWARGS
@@ -143,13 +148,15 @@ def _mixed_attention_forward(
             f"{', '.join(unknown)} to the attention function, which the mixed path does not implement. "
             "Leave this module out of target_modules."
         )
+    return _mixed_attention(module, query, key, value, attention_mask, scaling, dropout, route.replaced, kwargs)
+
+
+def _mixed_attention(module, query, key, value, attention_mask, scaling, dropout, replaced, kwargs):
     mixers = active_mixers(module)
     heads = query.shape[1]
-    mixing = (
-        head_mixing(mixers, heads, module)
-        if mixers
-        else torch.eye(heads, dtype=query.dtype, device=query.device)  # config named structpeft by hand
-    )
+    # No mixer: only as the eager fallback of a module that is not hooked.
+    identity = torch.eye(heads, dtype=query.dtype, device=query.device)
+    mixing = head_mixing(mixers, heads, module) if mixers else identity
     n, m = query.shape[2], key.shape[2]
     position_bias = kwargs.get("position_bias")
     if attention_mask is None and replaced == "sdpa" and n > 1 and _causal(module, kwargs):
@@ -159,7 +166,7 @@ def _mixed_attention_forward(
         attention_mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
     elif attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[..., :m]  # eager attention slices masks to the key length too
-    sinks = kwargs.get("s_aux")
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     out, maps = mixed_head_attention(
         query,
@@ -178,24 +185,32 @@ def _mixed_attention_forward(
     return out.transpose(1, 2).contiguous(), maps  # (B, N, H, d) as transformers expects
 
 
-@functools.cache
-def _register_with_transformers() -> None:
-    from transformers import AttentionInterface
+class _Route:
+    """What the pre-hook put in an interface for one forward of ``owner``, to take out after."""
 
-    for replaced in MIXABLE_IMPLEMENTATIONS:
-        AttentionInterface.register(PREFIX + replaced, functools.partial(_mixed_attention_forward, replaced=replaced))
+    def __init__(self, owner: nn.Module, interface: Any, replaced: str) -> None:
+        self.owner, self.interface, self.replaced, self.ran = owner, interface, replaced, False
+        self.saved = interface._local_mapping.get(replaced, _MISSING)
+        self.fallback = (
+            self.saved
+            if self.saved is not _MISSING
+            else interface._global_mapping.get(replaced) or functools.partial(_eager_fallback, replaced=replaced)
+        )
+        interface._local_mapping[replaced] = functools.partial(_mixed_attention_forward, route=self)
+
+    def close(self) -> None:
+        if self.saved is _MISSING:
+            self.interface._local_mapping.pop(self.replaced, None)
+        else:
+            self.interface._local_mapping[self.replaced] = self.saved
+
+
+def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, replaced, **kwargs):
+    return _mixed_attention(module, query, key, value, attention_mask, scaling, dropout, replaced, kwargs)
 
 
 def _implementation(config: Any) -> str:
     return config._attn_implementation or "eager"  # None: transformers runs the module's default, eager
-
-
-def _set_implementation(config: Any, name: str) -> None:
-    # The internal slot, where there is one: the public setter also rewrites every sub-config.
-    if "_attn_implementation_internal" in vars(config):
-        config._attn_implementation_internal = name
-    else:
-        config._attn_implementation = name
 
 
 def _refuse_unmixable(module: nn.Module, current: str, name: str = "") -> None:
@@ -207,25 +222,34 @@ def _refuse_unmixable(module: nn.Module, current: str, name: str = "") -> None:
         )
 
 
+def _interface_of(module: nn.Module) -> Any:
+    """The AttentionInterface ``module``'s forward looks its attention up in."""
+    interface = inspect.unwrap(type(module).forward).__globals__.get("ALL_ATTENTION_FUNCTIONS")
+    if interface is None:  # imported inside the forward: the library-wide instance
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as interface
+    return interface
+
+
 def _route_through_mixing(module: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: while a mixer is active, this module's forward looks up the mixed path."""
-    if not active_mixers(module):
+    """Forward pre-hook: while a mixer is active, this module's attention lookup finds the mixed path."""
+    if not active_mixers(module) or _ROUTED in module.__dict__:  # none, or re-entered
         return
-    config = module.config
-    current = _implementation(config)
-    if current.startswith(PREFIX):  # re-entered (e.g. recomputed under gradient checkpointing)
-        return
+    current = _implementation(module.config)
     _refuse_unmixable(module, current)
-    _register_with_transformers()
-    module.__dict__[_REPLACED] = current
-    _set_implementation(config, PREFIX + current)
+    module.__dict__[_ROUTED] = _Route(module, _interface_of(module), current)
 
 
-def _restore_implementation(module: nn.Module, args: tuple, output: Any) -> None:
-    """Forward hook (always called, errors too): give the config the name it had."""
-    replaced = module.__dict__.pop(_REPLACED, None)
-    if replaced is not None:
-        _set_implementation(module.config, replaced)
+def _end_route(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (always called, errors too): take the mixed path out of the interface again."""
+    route = module.__dict__.pop(_ROUTED, None)
+    if route is None:
+        return
+    route.close()
+    if not route.ran:
+        raise RuntimeError(
+            f"{type(module).__name__} did not look its {route.replaced!r} attention up in transformers' "
+            "AttentionInterface, so head mixing could not act; run the model with attn_implementation='sdpa'"
+        )
 
 
 def check_hookable(module: nn.Module, name: str = "") -> None:
@@ -238,11 +262,11 @@ def check_hookable(module: nn.Module, name: str = "") -> None:
             "transformers attention module (one that calls the AttentionInterface) or torch.nn.MultiheadAttention. "
             "Target the attention modules, or leave target_modules=None to take all of them."
         )
-    _refuse_unmixable(module, _implementation(module.config).removeprefix(PREFIX), name)
+    _refuse_unmixable(module, _implementation(module.config), name)
 
 
 def _our_hooks(hooks: dict) -> list[int]:
-    return [key for key, hook in hooks.items() if hook in (_route_through_mixing, _restore_implementation)]
+    return [key for key, hook in hooks.items() if hook in (_route_through_mixing, _end_route)]
 
 
 def is_hooked(module: nn.Module) -> bool:
@@ -261,7 +285,7 @@ def install(module: nn.Module, name: str = "") -> None:
         module.forward = functools.partial(_mixed_mha_forward, module)
         return
     module.register_forward_pre_hook(_route_through_mixing)
-    module.register_forward_hook(_restore_implementation, always_call=True)
+    module.register_forward_hook(_end_route, always_call=True)
 
 
 def uninstall(module: nn.Module, leaving: HeadMixer | None = None) -> None:

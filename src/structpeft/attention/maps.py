@@ -53,7 +53,8 @@ def _attend(
         scores = scores + mask
     if sinks is not None:
         # gpt-oss: each head's sink logit joins the softmax denominator, and its column is dropped after.
-        sink = sinks.to(scores.dtype).view(1, heads, 1, 1).expand(batch, heads, n, 1)
+        sink = sinks.to(scores.dtype)
+        sink = (sink.view(1, heads, 1, 1) if sink.dim() == 1 else sink).expand(batch, heads, n, 1)
         logits = torch.cat([scores, sink], dim=-1)  # (B, H, N, M + 1)
         logits = logits - logits.amax(dim=-1, keepdim=True)
         maps = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)[..., :m].contiguous()
@@ -95,7 +96,7 @@ def mixed_head_attention(
     The maps are those of the variants transformers' eager attention has: ``softcap`` caps the
     scaled scores (``c · tanh(s / c)``), ``bias`` (additive, like ``mask``: a relative position
     bias) is added to them, and ``sinks`` (H,) are per-head logits that join each row's softmax
-    denominator without a value of their own.
+    denominator without a value of their own (or (B, H, N, 1): one per query).
     """
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads % kv_heads or mixing.shape != (heads, heads):
@@ -114,6 +115,7 @@ def mixed_head_attention(
         rows = slice(start, start + chunk_size)
         chunk_mask = mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
         chunk_bias = bias if bias is None or bias.shape[-2] == 1 else bias[..., rows, :]
+        chunk_sinks = sinks if sinks is None or sinks.dim() == 1 or sinks.shape[-2] == 1 else sinks[..., rows, :]
         out, _ = checkpoint(
             _attend,
             query[:, :, rows],
@@ -126,7 +128,7 @@ def mixed_head_attention(
             training,
             chunk_bias,
             softcap,
-            sinks,
+            chunk_sinks,
             use_reentrant=False,
         )
         outs.append(out)
