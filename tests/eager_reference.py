@@ -29,13 +29,18 @@ def mix_maps_per_head(maps: torch.Tensor, value: torch.Tensor, alpha: torch.Tens
 
 
 def effective_maps(own_eager, module, query, key, value, attention_mask, *args, **kwargs) -> torch.Tensor:
-    """The maps the eager function's output is made of, ``out_h = E_h V_{g(h)}``: its output with
-    the identity for values (attention is linear in them). Unlike the maps it returns, these carry
+    """The maps the eager function's output is made of, ``out_h = E_h V_{g(h)}``: its outputs for
+    the columns of the identity as values (attention is linear in them), fed d at a time so that
+    the values keep their width (GPT-2 scales by it). Unlike the maps it returns, these carry
     whatever it does after the softmax too (granite_swa scales outputs by its sinks)."""
-    batch, kv_heads, m, _ = value.shape
-    identity = torch.eye(m, dtype=value.dtype).expand(batch, kv_heads, m, m)
-    out, _ = own_eager(module, query, key, identity, attention_mask, *args, **kwargs)  # (B, N, H, M)
-    return out.transpose(1, 2)  # (B, H, N, M)
+    batch, kv_heads, m, d = value.shape
+    blocks = -(-m // d)
+    identity = torch.eye(m, blocks * d, dtype=value.dtype)  # (M, d·blocks), zero-padded columns
+    columns = []
+    for block in identity.split(d, dim=1):
+        out, _ = own_eager(module, query, key, block.expand(batch, kv_heads, m, d), attention_mask, *args, **kwargs)
+        columns.append(out)  # (B, N, H, d)
+    return torch.cat(columns, dim=-1)[..., :m].transpose(1, 2)  # (B, H, N, M)
 
 
 def _maps_mixed(own_eager):
