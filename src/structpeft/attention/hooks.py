@@ -14,7 +14,9 @@ adapters disabled) the module runs exactly the attention it ran before, without 
   is renamed: the model builds its masks and takes its branches for the implementation it runs,
   a later ``set_attn_implementation`` is honoured at the next forward (or refused there if it
   forms no maps), and a module that did not look its attention up there raises rather than
-  silently dropping the mixing. Unhooked modules and other models never run structpeft code.
+  silently dropping the mixing. Unhooked modules and other models never run structpeft code: the
+  mapping is process-wide, so the mixed path checks that the module calling it is the one it was
+  put there for, and hands any other the function it stands in for.
 - ``torch.nn.MultiheadAttention``: its forward is replaced on the instance.
 
 All bookkeeping lives on the hooked module: its hooks and its adapter host.
