@@ -37,9 +37,18 @@ from structpeft.core.layers import module_host
 
 MIXABLE_IMPLEMENTATIONS = ("sdpa", "eager")
 # Keyword arguments transformers' attention modules pass that carry no maths the mixed path must
-# reproduce: positions and cache bookkeeping (tensors), and the window sdpa and eager masks carry.
+# reproduce: positions and cache bookkeeping (tensors), the window sdpa and eager masks carry, and the
+# Trainer's loss normaliser.
 _INERT_KWARGS = frozenset(
-    {"position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "sliding_window", "is_causal"}
+    {
+        "position_ids",
+        "cache_position",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "sliding_window",
+        "is_causal",
+        "num_items_in_batch",
+    }
 )
 # Keyword arguments whose maths the mixed path reproduces ("sinks": Inkling 2's per-query sink logits).
 _MATHS_KWARGS = frozenset({"position_bias", "softcap", "s_aux", "sinks"})
