@@ -1,9 +1,11 @@
 """Attention-level methods (Coeff-Tuning, Kernel-mix), as ratios measured in one run.
 
-    python benchmarks/bench_attention.py [--rounds 20] [--skip-dinov2]
+    python benchmarks/bench_attention.py [--rounds 20] [--skip-dinov2] [--skip-mistral]
 
-On MiniLM (batch 32 x <=64 tokens of Rotten Tomatoes) and on the DINOv2-S/14 ViT (batch 8 at
-224 px, 257 tokens; random pixels, since step time does not depend on them):
+On MiniLM (batch 32 x <=64 tokens of Rotten Tomatoes), on the DINOv2-S/14 ViT (batch 8 at
+224 px, 257 tokens; random pixels, since step time does not depend on them) and on a small
+Mistral-style decoder (random weights and tokens: grouped-query heads, 8 over 2, and a sliding
+window of 64 over 256 tokens, so the mask carries the window):
 
 1. Coeff-Tuning alone vs the frozen base with eager attention, and Coeff + LoRA vs LoRA with eager
    attention                                                           target <= 1.15x (FLOPs: ~1.09x)
@@ -29,10 +31,25 @@ import structpeft as sp  # noqa: E402
 from bench_foundation import MiniLMWorkload  # noqa: E402
 from harness import Candidate, compare, print_ratios  # noqa: E402
 
+# The Mistral-style decoder: 384 wide, 8 query heads of 48 over 2 key/value heads, 4 layers.
+MISTRAL = dict(
+    vocab_size=1000,
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    sliding_window=64,
+    max_position_embeddings=512,
+)
+# LoRA r on q (384->384), v (384->96) and o (384->384) has (768 + 480 + 768)·r = 2,016·r parameters
+# per layer; Kernel-mix at (1, 2, 2, 4) has 17,280 here (get_nb_trainable_parameters), nearest r = 9 (18,144).
+MISTRAL_KERNEL_MIX_LORA_RANK = 9
+
 # Kernel-mix adapts q, v and o; a LoRA of rank r on those three has 3 · 768 · r = 2,304·r parameters
 # per layer, exactly Kernel-mix's count at ranks (1, 2, 2, 4) with r = 11 on MiniLM (384 wide, 12
 # heads: 25,344 per layer) and r = 8 on DINOv2-S (384 wide, 6 heads: 18,432 per layer).
-KERNEL_MIX_LORA_RANK = {"minilm": 11, "dinov2": 8}
+KERNEL_MIX_LORA_RANK = {"minilm": 11, "dinov2": 8, "mistral": MISTRAL_KERNEL_MIX_LORA_RANK}
 
 
 def frozen_base(model: nn.Module, embedding_norm: str) -> nn.Module:
@@ -116,10 +133,24 @@ def dinov2(batch: int = 8) -> Workload:
     return Workload(base, loss, "embeddings.patch_embeddings", qvo, "dinov2")
 
 
+def mistral(batch: int = 4, tokens: int = 256) -> Workload:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    base = MistralForCausalLM(MistralConfig(**MISTRAL)).eval()
+    ids = torch.randint(0, MISTRAL["vocab_size"], (batch, tokens), generator=torch.Generator().manual_seed(0))
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        return model(input_ids=ids, labels=ids).loss
+
+    return Workload(base, loss, "model.embed_tokens", ["q_proj", "v_proj", "o_proj"], "mistral")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--skip-dinov2", action="store_true")
+    parser.add_argument("--skip-mistral", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
@@ -128,6 +159,8 @@ def main() -> int:
     workloads = [("MiniLM, batch 32 x <=64 tokens", minilm)]
     if not args.skip_dinov2:
         workloads.append(("DINOv2-S/14, batch 8 x 257 tokens (224 px)", dinov2))
+    if not args.skip_mistral:
+        workloads.append(("Mistral-style GQA 8/2 heads, window 64, batch 4 x 256 tokens", mistral))
     for title, make in workloads:
         work = make()
         results = compare(work.candidates(), args.rounds)

@@ -297,7 +297,8 @@ def gemma2() -> nn.Module:
         **_DECODER,
         head_dim=8,
         sliding_window=3,
-        attn_logit_softcapping=5.0,  # small, so the cap bends the tiny model's scores
+        attn_logit_softcapping=5.0,
+        initializer_range=0.3,  # scores of a few units, so the cap bends them
         final_logit_softcapping=30.0,
         query_pre_attn_scalar=8,
     )

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import structpeft as sp
-from structpeft.attention import attention_anatomy, mixed_head_attention
+from structpeft.attention import attention_anatomy, hooks, mixed_head_attention
 from structpeft.core.layers import AdaptedLayer, module_host
 from tests.models import (
     MHANet,
@@ -133,10 +133,12 @@ def test_coeff_zero_start_equals_the_unadapted_model(name: str, implementation: 
     x = HF_MODELS[name][1](0)
     expected = run(base, x)
     model = sp.get_peft_model(base, sp.CoeffConfig())
-    assert model.config._attn_implementation == f"structpeft+{implementation}"
+    hooked = [m for _, m in model.adapter_hosts()]
+    assert hooked and all(hooks.is_hooked(m) for m in base.modules() if module_host(m) is not None)
     assert torch.allclose(run(model, x), expected, atol=1e-6, rtol=1e-6)
+    assert base.config._attn_implementation == implementation  # named structpeft only during a forward
     model.unload()
-    assert base.config._attn_implementation == implementation
+    assert not any(hooks.is_hooked(m) for m in base.modules())
 
 
 TEXT_MODELS = ["bert", "roberta", "gpt2", "llama"]
@@ -242,12 +244,13 @@ def test_deleting_one_of_two_coeff_adapters_keeps_the_hook() -> None:
     model.set_adapter("other")
     x = _ids(5)
     expected = run(model, x)
+    attention = model.base_model.bert.encoder.layer[0].attention.self
     model.delete_adapter("default")
-    assert model.config._attn_implementation == "structpeft+sdpa"
+    assert hooks.is_hooked(attention)
     assert torch.equal(run(model, x), expected)
     model.delete_adapter("other")
-    assert model.config._attn_implementation == "sdpa"
-    assert module_host(model.base_model.bert.encoder.layer[0].attention.self) is None
+    assert not hooks.is_hooked(attention)
+    assert module_host(attention) is None
 
 
 def test_coeff_errors_name_the_module_and_the_fix() -> None:

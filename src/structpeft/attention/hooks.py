@@ -4,22 +4,28 @@ A delta that mixes heads is a :class:`HeadMixer`: it lives in the attention modu
 :class:`~structpeft.core.layers.ModuleAdapters` host and gives an (H, H) term ``Δ`` per forward;
 the active terms add up to ``C = I + Σ Δ`` and attention runs with mixed maps
 (:func:`~structpeft.attention.maps.mixed_head_attention`). With no active term (none attached,
-adapters disabled) the module runs exactly the attention it ran before.
+adapters disabled) the module runs exactly the attention it ran before, without structpeft code.
 
-- transformers models: their attention modules call the function that
-  ``config._attn_implementation`` names in ``transformers.AttentionInterface``. :func:`install`
-  registers ``structpeft+sdpa`` / ``structpeft+eager`` (attention and mask functions) and points
-  the config there; the name keeps the implementation it replaces, which builds the masks and
-  runs whenever no mixing is active.
+- transformers models: their attention modules look the function up by
+  ``config._attn_implementation`` in the ``AttentionInterface`` their forward reads
+  (``ALL_ATTENTION_FUNCTIONS``). While a mixer is active, a forward pre-hook on the hooked module
+  puts the mixed attention under that very name in the interface's local mapping, for the length
+  of that module's forward only; a forward hook (run on errors too) takes it out again. Nothing
+  is renamed: the model builds its masks and takes its branches for the implementation it runs,
+  a later ``set_attn_implementation`` is honoured at the next forward (or refused there if it
+  forms no maps), and a module that did not look its attention up there raises rather than
+  silently dropping the mixing. Unhooked modules and other models never run structpeft code: the
+  mapping is process-wide, so the mixed path checks that the module calling it is the one it was
+  put there for, and hands any other the function it stands in for.
 - ``torch.nn.MultiheadAttention``: its forward is replaced on the instance.
+
+All bookkeeping lives on the hooked module: its hooks and its adapter host.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
-import types
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -29,10 +35,26 @@ from torch import nn
 from structpeft.attention.maps import mixed_head_attention
 from structpeft.core.layers import module_host
 
-PREFIX = "structpeft+"
 MIXABLE_IMPLEMENTATIONS = ("sdpa", "eager")
-# Attention variants whose maths the mixed path does not reproduce: refuse rather than approximate.
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+# Keyword arguments transformers' attention modules pass that carry no maths the mixed path must
+# reproduce: positions and cache bookkeeping (tensors), the window sdpa and eager masks carry, and the
+# Trainer's loss normaliser.
+_INERT_KWARGS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "sliding_window",
+        "is_causal",
+        "num_items_in_batch",
+    }
+)
+# Keyword arguments whose maths the mixed path reproduces ("sinks": Inkling 2's per-query sink logits).
+_MATHS_KWARGS = frozenset({"position_bias", "softcap", "s_aux", "sinks"})
+# Where the pre-hook leaves what it put in the interface, for the forward hook to take out.
+_ROUTED = "_structpeft_routed_attention"
+_MISSING = object()
 
 
 @runtime_checkable
@@ -63,10 +85,11 @@ def head_mixing(mixers: list[HeadMixer], heads: int, module: nn.Module) -> torch
 # -- which modules can be hooked ------------------------------------------------------------
 @functools.cache
 def _calls_attention_interface(cls: type) -> bool:
-    try:
-        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
+    """Whether ``cls.forward`` looks the attention function up in transformers' interface: the
+    compiled forward names ``ALL_ATTENTION_FUNCTIONS`` among the globals it reads."""
+    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
 def is_attention_module(module: nn.Module) -> bool:
@@ -77,30 +100,32 @@ def is_attention_module(module: nn.Module) -> bool:
 
 
 def num_heads(module: nn.Module) -> int:
-    """The number of query heads of an attention module."""
-    for attribute in ("num_heads", "num_attention_heads", "n_head"):
+    """The number of query heads of an attention module (its own attribute, else its config's)."""
+    for attribute in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
         value = getattr(module, attribute, None)
         if isinstance(value, int):
             return value
-    value = getattr(getattr(module, "config", None), "num_attention_heads", None)
-    if isinstance(value, int):
-        return value
-    raise ValueError(f"cannot tell the number of heads of {type(module).__name__}")
+    config = getattr(module, "config", None)
+    for attribute in ("num_attention_heads", "n_head", "n_heads"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(
+        f"cannot tell the number of heads of {type(module).__name__}: it has no num_heads / num_attention_heads "
+        "attribute and neither has its config"
+    )
 
 
 # -- transformers ---------------------------------------------------------------------------
-def _model_eager_attention(module: nn.Module):
-    """The eager attention of the module's own modeling file (what transformers runs for "eager")."""
-    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    return own if own is not None else _generic_eager
-
-
-def _generic_eager(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    heads = query.shape[1]
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    identity = torch.eye(heads, device=query.device, dtype=query.dtype)
-    out, maps = mixed_head_attention(query, key, value, attention_mask, identity, scaling, dropout, module.training)
-    return out.transpose(1, 2).contiguous(), maps
+def _causal(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether attention without a mask is causal: the call's flag, else the module's; unknown means
+    not causal (an encoder must not be made causal because it forgot to say)."""
+    flag = kwargs.get("is_causal")
+    if flag is None:
+        flag = getattr(module, "is_causal", None)
+    if flag is None:
+        flag = getattr(getattr(module, "config", None), "is_decoder", False)
+    return bool(flag)
 
 
 def _mixed_attention_forward(
@@ -112,54 +137,130 @@ def _mixed_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     *,
-    replaced: str,
+    route: _Route,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    """Stands in for ``route.replaced`` (sdpa or eager) and takes the same arguments, with mixed maps.
 
-    mixers = active_mixers(module)
-    if not mixers:
-        fallback = ALL_ATTENTION_FUNCTIONS.get_interface(replaced, _model_eager_attention(module))
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    unsupported = [k for k in _UNSUPPORTED_KWARGS if kwargs.get(k) is not None]
-    if unsupported:
+    Reproduced: masks as ``replaced`` builds them (sliding windows included), ``softcap`` (tanh
+    on the scores before the mask, as eager does), ``s_aux`` / ``sinks`` (sink logits joining the
+    softmax denominator), ``position_bias`` (added to the scores). Anything else is refused by name.
+    """
+    if module is not route.owner:  # another module calling the interface during the owner's forward
+        return route.fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    route.ran = True
+    # Flags, counts and cache objects pass through; a tensor or a float is maths we would drop.
+    unknown = sorted(
+        k for k, v in kwargs.items() if isinstance(v, (torch.Tensor, float)) and k not in _INERT_KWARGS | _MATHS_KWARGS
+    )
+    if unknown:
         raise NotImplementedError(
-            f"head mixing cannot hook {type(module).__name__}: its attention uses {', '.join(unsupported)}"
+            f"head mixing cannot reproduce the attention of {type(module).__name__}: it passes "
+            f"{', '.join(unknown)} to the attention function, which the mixed path does not implement. "
+            "Leave this module out of target_modules."
         )
+    return _mixed_attention(module, query, key, value, attention_mask, scaling, dropout, route.replaced, kwargs)
+
+
+def _mixed_attention(module, query, key, value, attention_mask, scaling, dropout, replaced, kwargs):
+    mixers = active_mixers(module)
+    heads = query.shape[1]
+    # No mixer: only as the eager fallback of a module that is not hooked.
+    identity = torch.eye(heads, dtype=query.dtype, device=query.device)
+    mixing = head_mixing(mixers, heads, module) if mixers else identity
     n, m = query.shape[2], key.shape[2]
-    if attention_mask is None and replaced == "sdpa" and n > 1:
-        # SDPA masks leave causality implicit (``is_causal``), top-left aligned as sdpa_attention_forward has it.
-        is_causal = kwargs.get("is_causal")
-        if is_causal if is_causal is not None else getattr(module, "is_causal", True):
-            key, value = key[:, :, :n], value[:, :, :n]
-            attention_mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+    position_bias = kwargs.get("position_bias")
+    if attention_mask is None and replaced == "sdpa" and n > 1 and _causal(module, kwargs):
+        # SDPA leaves causality implicit (is_causal), top-left aligned: keys past the queries are an empty cache.
+        key, value = key[:, :, :n], value[:, :, :n]
+        position_bias = None if position_bias is None else position_bias[..., :n]
+        attention_mask = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
     elif attention_mask is not None and attention_mask.dim() == 4:
         attention_mask = attention_mask[..., :m]  # eager attention slices masks to the key length too
-    mixing = head_mixing(mixers, query.shape[1], module)
+    sinks = kwargs.get("s_aux") if kwargs.get("s_aux") is not None else kwargs.get("sinks")
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     out, maps = mixed_head_attention(
-        query, key, value, attention_mask, mixing, scaling, dropout, module.training, mixers[0].chunk_size
+        query,
+        key,
+        value,
+        attention_mask,
+        mixing,
+        scaling,
+        dropout,
+        module.training,
+        mixers[0].chunk_size if mixers else None,
+        bias=position_bias,
+        softcap=kwargs.get("softcap"),
+        sinks=sinks,
     )
     return out.transpose(1, 2).contiguous(), maps  # (B, N, H, d) as transformers expects
 
 
-@functools.cache
-def _register_with_transformers() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+class _Route:
+    """What the pre-hook put in an interface for one forward of ``owner``, to take out after."""
 
-    for replaced in MIXABLE_IMPLEMENTATIONS:
-        AttentionInterface.register(PREFIX + replaced, functools.partial(_mixed_attention_forward, replaced=replaced))
-        AttentionMaskInterface.register(PREFIX + replaced, ALL_MASK_ATTENTION_FUNCTIONS[replaced])
+    def __init__(self, owner: nn.Module, interface: Any, replaced: str) -> None:
+        self.owner, self.interface, self.replaced, self.ran = owner, interface, replaced, False
+        self.saved = interface._local_mapping.get(replaced, _MISSING)
+        self.fallback = (
+            self.saved
+            if self.saved is not _MISSING
+            else interface._global_mapping.get(replaced) or functools.partial(_eager_fallback, replaced=replaced)
+        )
+        interface._local_mapping[replaced] = functools.partial(_mixed_attention_forward, route=self)
+
+    def close(self) -> None:
+        if self.saved is _MISSING:
+            self.interface._local_mapping.pop(self.replaced, None)
+        else:
+            self.interface._local_mapping[self.replaced] = self.saved
 
 
-# How many deltas use each hooked config (transformers) or module (MultiheadAttention); the hook
-# comes off when the count falls to zero.
-_USERS: dict[int, int] = {}
+def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, replaced, **kwargs):
+    return _mixed_attention(module, query, key, value, attention_mask, scaling, dropout, replaced, kwargs)
 
 
-def _hooked_object(module: nn.Module) -> object:
-    return module if isinstance(module, nn.MultiheadAttention) else module.config
+def _implementation(config: Any) -> str:
+    return config._attn_implementation or "eager"  # None: transformers runs the module's default, eager
+
+
+def _refuse_unmixable(module: nn.Module, current: str, name: str = "") -> None:
+    if current not in MIXABLE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"module {name or '?'!r} ({type(module).__name__}) runs {current!r} attention, which never forms "
+            "the attention maps head mixing needs; load the model with attn_implementation='sdpa' or 'eager' "
+            "(or call model.set_attn_implementation('sdpa'))"
+        )
+
+
+def _interface_of(module: nn.Module) -> Any:
+    """The AttentionInterface ``module``'s forward looks its attention up in."""
+    interface = inspect.unwrap(type(module).forward).__globals__.get("ALL_ATTENTION_FUNCTIONS")
+    if interface is None:  # imported inside the forward: the library-wide instance
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as interface
+    return interface
+
+
+def _route_through_mixing(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: while a mixer is active, this module's attention lookup finds the mixed path."""
+    if not active_mixers(module) or _ROUTED in module.__dict__:  # none, or re-entered
+        return
+    current = _implementation(module.config)
+    _refuse_unmixable(module, current)
+    module.__dict__[_ROUTED] = _Route(module, _interface_of(module), current)
+
+
+def _end_route(module: nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook (always called, errors too): take the mixed path out of the interface again."""
+    route = module.__dict__.pop(_ROUTED, None)
+    if route is None:
+        return
+    route.close()
+    if not route.ran:
+        raise RuntimeError(
+            f"{type(module).__name__} did not look its {route.replaced!r} attention up in transformers' "
+            "AttentionInterface, so head mixing could not act; run the model with attn_implementation='sdpa'"
+        )
 
 
 def check_hookable(module: nn.Module, name: str = "") -> None:
@@ -172,40 +273,45 @@ def check_hookable(module: nn.Module, name: str = "") -> None:
             "transformers attention module (one that calls the AttentionInterface) or torch.nn.MultiheadAttention. "
             "Target the attention modules, or leave target_modules=None to take all of them."
         )
-    current = (module.config._attn_implementation or "eager").removeprefix(PREFIX)
-    if current not in MIXABLE_IMPLEMENTATIONS:
-        raise ValueError(
-            f"module {name or '?'!r} ({type(module).__name__}) runs {current!r} attention, which never forms "
-            "the attention maps head mixing needs; load the model with attn_implementation='sdpa' or 'eager'"
-        )
+    _refuse_unmixable(module, _implementation(module.config), name)
+
+
+def _our_hooks(hooks: dict) -> list[int]:
+    return [key for key, hook in hooks.items() if hook in (_route_through_mixing, _end_route)]
+
+
+def is_hooked(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return "forward" in vars(module)
+    return bool(_our_hooks(module._forward_pre_hooks))
 
 
 def install(module: nn.Module, name: str = "") -> None:
-    """Route ``module``'s attention through the mixing hook; pair every call with :func:`uninstall`."""
+    """Route ``module``'s attention through the mixing hook (once, however many mixers it holds)."""
     check_hookable(module, name)
-    hooked = _hooked_object(module)
-    if isinstance(module, nn.MultiheadAttention):
-        module.forward = types.MethodType(_mixed_mha_forward, module)
-    elif not (current := module.config._attn_implementation or "eager").startswith(PREFIX):
-        _register_with_transformers()
-        module.config._attn_implementation = PREFIX + current
-    _USERS[id(hooked)] = _USERS.get(id(hooked), 0) + 1
-
-
-def uninstall(module: nn.Module) -> None:
-    """Undo one :func:`install`; the last one gives the module (or config) its own attention back."""
-    hooked = _hooked_object(module)
-    left = _USERS.get(id(hooked), 1) - 1
-    if left > 0:
-        _USERS[id(hooked)] = left
+    if is_hooked(module):
         return
-    _USERS.pop(id(hooked), None)
+    if isinstance(module, nn.MultiheadAttention):
+        # A partial of a module-level function, unlike a bound method, survives pickling and deepcopy.
+        module.forward = functools.partial(_mixed_mha_forward, module)
+        return
+    module.register_forward_pre_hook(_route_through_mixing)
+    module.register_forward_hook(_end_route, always_call=True)
+
+
+def uninstall(module: nn.Module, leaving: HeadMixer | None = None) -> None:
+    """Take the hook off ``module`` unless a mixer other than ``leaving`` still lives in its host."""
+    host = module_host(module)
+    others = [] if host is None else [d for d in host.modules() if isinstance(d, HeadMixer) and d is not leaving]
+    if others:
+        return
     if isinstance(module, nn.MultiheadAttention):
         vars(module).pop("forward", None)
         return
-    config = module.config
-    if (config._attn_implementation or "").startswith(PREFIX):
-        config._attn_implementation = config._attn_implementation.removeprefix(PREFIX)
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in _our_hooks(hooks):
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 # -- torch.nn.MultiheadAttention ------------------------------------------------------------

@@ -34,6 +34,9 @@ def _attend(
     scaling: float,
     dropout_p: float,
     training: bool,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, n, d = query.shape  # (B, H, N, d)
     kv_heads, m = key.shape[1], key.shape[2]  # key, value: (B, Hkv, M, d)
@@ -42,9 +45,20 @@ def _attend(
     # The scale goes on the queries, (N, d) per head, not on the (N, M) scores: one map-sized op less.
     q = (query * scaling).reshape(batch, kv_heads, group * n, d)  # (B, Hkv, G·N, d)
     scores = (q @ key.transpose(-1, -2)).view(batch, heads, n, m)  # (B, H, N, M)
+    if softcap is not None:  # Gemma 2: the cap bends the scaled scores, before bias and mask
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores + mask
-    if scores.dtype in (torch.float16, torch.bfloat16):  # softmax in float32, as transformers' eager does
+    if sinks is not None:
+        # gpt-oss: each head's sink logit joins the softmax denominator, and its column is dropped after.
+        sink = sinks.to(scores.dtype)
+        sink = (sink.view(1, heads, 1, 1) if sink.dim() == 1 else sink).expand(batch, heads, n, 1)
+        logits = torch.cat([scores, sink], dim=-1)  # (B, H, N, M + 1)
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+        maps = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)[..., :m].contiguous()
+    elif scores.dtype in (torch.float16, torch.bfloat16):  # softmax in float32, as transformers' eager does
         maps = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     else:
         maps = F.softmax(scores, dim=-1)  # (B, H, N, M)
@@ -68,12 +82,21 @@ def mixed_head_attention(
     dropout_p: float = 0.0,
     training: bool = False,
     chunk_size: int | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention whose head maps are mixed by ``mixing`` (H, H).
 
     query (B, H, N, d); key and value (B, Hkv, M, d) with H a multiple of Hkv; ``mask`` boolean
     (True = attend) or additive, broadcastable to (B, H, N, M). Returns the outputs (B, H, N, d)
     and, on the materialised path, the mixed maps (B, H, N, M) (None when chunked).
+
+    The maps are those of the variants transformers' eager attention has: ``softcap`` caps the
+    scaled scores (``c · tanh(s / c)``), ``bias`` (additive, like ``mask``: a relative position
+    bias) is added to them, and ``sinks`` (H,) are per-head logits that join each row's softmax
+    denominator without a value of their own (or (B, H, N, 1): one per query).
     """
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads % kv_heads or mixing.shape != (heads, heads):
@@ -85,12 +108,14 @@ def mixed_head_attention(
         raise ValueError(f"attention mask with {mask.shape[1]} heads for {heads} query heads")
     n = query.shape[2]
     if chunk_size is None or chunk_size >= n:
-        return _attend(query, key, value, mask, mixing, scaling, dropout_p, training)
+        return _attend(query, key, value, mask, mixing, scaling, dropout_p, training, bias, softcap, sinks)
 
     outs = []
     for start in range(0, n, chunk_size):
         rows = slice(start, start + chunk_size)
         chunk_mask = mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
+        chunk_bias = bias if bias is None or bias.shape[-2] == 1 else bias[..., rows, :]
+        chunk_sinks = sinks if sinks is None or sinks.dim() == 1 or sinks.shape[-2] == 1 else sinks[..., rows, :]
         out, _ = checkpoint(
             _attend,
             query[:, :, rows],
@@ -101,6 +126,9 @@ def mixed_head_attention(
             scaling,
             dropout_p,
             training,
+            chunk_bias,
+            softcap,
+            chunk_sinks,
             use_reentrant=False,
         )
         outs.append(out)

@@ -44,7 +44,9 @@ class CoeffConfig(AdapterConfig):
         if not names:
             raise ValueError(
                 f"Coeff-Tuning found no attention module in this {type(model).__name__}: it hooks transformers "
-                "attention modules and torch.nn.MultiheadAttention"
+                "attention modules that call the AttentionInterface (sdpa or eager), and torch.nn.MultiheadAttention; "
+                "a model computing attention in its own code has no maps Coeff-Tuning can reach. Use a method "
+                "that adapts the projections instead (LoRA, FLoRA, Kernel-mix)"
             )
         return names
 

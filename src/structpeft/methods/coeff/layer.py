@@ -37,7 +37,7 @@ class CoeffDelta(AdapterDelta):
         hooks.install(module)
 
     def on_detach(self, module: nn.Module) -> None:
-        hooks.uninstall(module)
+        hooks.uninstall(module, leaving=self)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("CoeffDelta acts through the attention hook; it has no forward of its own")
