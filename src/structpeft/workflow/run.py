@@ -322,8 +322,10 @@ SIZE_KNOBS = {
 
 
 def adapter_params(model: nn.Module) -> int:
-    """Trainable parameters of the adapter itself (not the new head's full copy)."""
-    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".copies." not in n)
+    """Trainable parameters of the adapter itself (not the new head's full copy: structpeft's ``.copies.``,
+    HF PEFT's ``.modules_to_save.``)."""
+    head_copy = (".copies.", ".modules_to_save.")
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not any(c in n for c in head_copy))
 
 
 def budget(model_ref: str, method: str, params: int, task_ref: str, settings: dict[str, str]) -> dict[str, Any]:
