@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from structpeft.workflow import bench, cli, run
 from tests.workflow_fixtures import save_text_encoder, sentences, write_csv
@@ -159,3 +160,49 @@ def test_quick_text_suite_on_the_presets(tmp_path) -> None:
     suite = bench.SUITES["text"]
     assert len(rows) == len(suite.references) + len(suite.fixed) + 2 * len(suite.sized)
     assert all(0 <= r["accuracy_mean"] <= 100 and r["trainable_params"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["hf-lora", "hf-loha", "hf-c3a"])
+def test_hf_peft_references_train_through_the_same_loop(tiny, tmp_path, monkeypatch, method) -> None:
+    peft = pytest.importorskip("peft", reason="the references are HF PEFT's: pip install peft")
+    from safetensors.torch import load_file
+
+    from structpeft.workflow import recipes
+
+    built: dict = {}
+    real_adapt = recipes.Recipe.adapt
+
+    def adapt(self, model, head):  # what finetune trains, and its weights before training
+        built["model"] = real_adapt(self, model, head)
+        built["before"] = {n: p.detach().clone() for n, p in built["model"].named_parameters() if p.requires_grad}
+        return built["model"]
+
+    monkeypatch.setattr(recipes.Recipe, "adapt", adapt)
+    setting = tiny.settings[0]
+    spec = run.RunSpec(model=setting.model, task=setting.task, method=method, val_size=16, out=str(tmp_path / "run"),
+                       results=str(tmp_path / "results.jsonl"), progress="none")  # fmt: skip
+    row = run.finetune(spec)
+    before = built["before"]
+    assert isinstance(built["model"], peft.PeftModel)
+    assert row["status"] == "finished" and row["steps"] > 0
+    assert row["trainable_params"] == sum(p.numel() for p in before.values())
+    assert any(".modules_to_save." in n for n in before)  # the head trains whole, as for our methods
+    trained = load_file(str(tmp_path / "run" / run.BASELINE_WEIGHTS))
+    assert set(trained) == set(before)
+    adapter = [n for n in before if ".modules_to_save." not in n]
+    assert adapter and any(not torch.equal(trained[n], before[n]) for n in adapter)
+
+
+def test_hf_methods_do_not_compose_and_lora_conv_skips_depthwise_convs() -> None:
+    from torch import nn
+
+    from structpeft.workflow import recipes
+
+    with pytest.raises(recipes.RecipeError, match="do not compose"):
+        recipes.split_method("coeff+hf-lora")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1), nn.Linear(4, 2))
+    assert recipes._targets("conv-dense", model, ["3"], "convnet", "hf-lora") == ["0", "2"]
+    assert recipes._targets("conv", model, ["3"], "convnet", "hf-lora") == ["0", "1", "2"]
+    linear = nn.Sequential(nn.Linear(384, 1536), nn.Linear(1536, 384), nn.Linear(384, 2))
+    recipe = recipes.build_recipe("hf-c3a", "vit", {}, linear, ["2"])
+    assert recipe.configs[0].block_size == 384
