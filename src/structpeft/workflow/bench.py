@@ -34,6 +34,10 @@ NOT_IN_KEY = {"out", "results", "progress", "device", "resume", "save_every"}
 PLAN_FILE, STORE_FILE, RESULTS_FILE, LEADERBOARD_FILE = "plan.json", "results.jsonl", "results.json", "leaderboard.md"
 
 
+class StoreMismatch(run.UsageError):
+    """The store has a run in the folder a planned run would use, made with other settings."""
+
+
 @dataclass(frozen=True)
 class Setting:
     """One model on one task at one data size."""
@@ -128,16 +132,18 @@ class Options:
     command: str | None = None
 
 
-def quick_setting(setting: Setting) -> Setting:
-    return replace(setting, **QUICK_FIELDS, image_size=setting.quick_image_size)
-
-
 def settings_of(suite: Suite, quick: bool) -> list[Setting]:
     """The suite's settings; ``--quick``: one per model, on tiny subsets."""
     if not quick:
         return list(suite.settings)
     first = {s.model: s for s in reversed(suite.settings)}
     return [quick_setting(first[m]) for m in dict.fromkeys(s.model for s in suite.settings)]
+
+
+def quick_setting(setting: Setting) -> Setting:
+    return replace(
+        setting, name=f"{Path(setting.model).name}-quick", **QUICK_FIELDS, image_size=setting.quick_image_size
+    )
 
 
 def lr_grid(default: float, quick: bool) -> list[float]:
@@ -164,25 +170,55 @@ def plan_setting(suite: Suite, setting: Setting, plan: dict[str, Any]) -> list[d
     if key in plan:
         return plan[key]
     loaded = run.load_for_sizing(setting.model, setting.task)
-    targets = {b.name: run.adapter_size(loaded, b.method, b.settings) for b in suite.budgets}
-    print(f"{suite.name} / {setting.model}: budgets " + ", ".join(f"{n} {p:,}" for n, p in targets.items()), flush=True)
-    entries = [Entry(m, m, None, {}) for m in (*suite.references, *suite.fixed)]
+    targets = {b.name: _attempt(lambda b=b: run.adapter_size(loaded, b.method, b.settings)) for b in suite.budgets}
+    shown_targets = ", ".join(f"{n} {p:,}" if p is not None else f"{n} failed ({e})" for n, (p, e) in targets.items())
+    print(f"{suite.name} / {setting.model}: budgets {shown_targets}", flush=True)
+    entries = [(Entry(m, m, None, {}), None) for m in (*suite.references, *suite.fixed)]
     for method in suite.sized:
-        for name, target in targets.items():
-            found = run.size_for(loaded, method, target, {})
-            settings = {k: str(v) for k, v in found["settings"].items()}
-            entries.append(Entry(f"{method}@{name}", method, name, settings))
+        for name, (target, failed) in targets.items():
+            found, error = (
+                (None, f"budget {name}: {failed}")
+                if failed
+                else _attempt(lambda m=method, t=target: run.size_for(loaded, m, t, {}))
+            )
+            settings = {k: str(v) for k, v in found["settings"].items()} if found else {}
+            entries.append((Entry(f"{method}@{name}", method, name, settings), error))
     rows = []
-    for entry in entries:
-        recipe = recipes.build_recipe(entry.method, loaded.family, entry.settings, loaded.model, loaded.head)
-        size = None if recipe.baseline else run.adapter_size(loaded, entry.method, entry.settings)
-        rows.append({**dataclasses.asdict(entry), "adapter_params": size, "default_lr": recipe.lr,
-                     "budget_target": targets.get(entry.budget)})  # fmt: skip
+    for entry, error in entries:
+        row = {**dataclasses.asdict(entry), "adapter_params": None, "default_lr": None,
+               "budget_target": targets[entry.budget][0] if entry.budget else None}  # fmt: skip
+        if error is None:
+            described, error = _attempt(lambda e=entry: _describe(loaded, e))
+            row.update(described or {})
+        if error is not None:
+            row["error"] = error
+            print(f"  {entry.label:24} failed: {error}", flush=True)
+            rows.append(row)
+            continue
         shown = " ".join(f"{k}={v}" for k, v in entry.settings.items())
-        sized = "-" if size is None else f"{size:,}"
-        print(f"  {entry.label:24} {shown:28} adapter {sized:>10}  default lr {recipe.lr:g}", flush=True)
-    plan[key] = rows
+        sized = "-" if row["adapter_params"] is None else f"{row['adapter_params']:,}"
+        print(f"  {entry.label:24} {shown:28} adapter {sized:>10}  default lr {row['default_lr']:g}", flush=True)
+        rows.append(row)
+    if not any("error" in row for row in rows):  # a failure is tried again on the next bench
+        plan[key] = rows
     return rows
+
+
+def _describe(loaded: Any, entry: Entry) -> dict[str, Any]:
+    recipe = recipes.build_recipe(entry.method, loaded.family, entry.settings, loaded.model, loaded.head)
+    size = None if recipe.baseline else run.adapter_size(loaded, entry.method, entry.settings)
+    return {"adapter_params": size, "default_lr": recipe.lr}
+
+
+def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(result, None), or (None, the error) for a method that cannot be built or trained on a model:
+    the bench records it, goes on with the others and fails at the end naming each."""
+    try:
+        return work(), None
+    except StoreMismatch:
+        raise
+    except Exception as e:  # noqa: BLE001 (recorded in results.json and the leaderboard, and the exit code)
+        return None, f"{type(e).__name__}: {e}".splitlines()[0]
 
 
 # -- running: the store is the cache ------------------------------------------------------------------
@@ -219,7 +255,7 @@ class Runner:
         if row is not None:
             if spec_key(row["spec"]) != spec_key(spec):
                 changed = sorted(k for k, v in spec_key(spec).items() if row["spec"].get(k) != v)
-                raise run.UsageError(
+                raise StoreMismatch(
                     f"{spec.out} holds a run made with other settings ({', '.join(changed)}): "
                     f"give another --out, or delete that folder's row from {self.options.out / STORE_FILE}"
                 )
@@ -249,11 +285,20 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
     def one(lr: float, seed: int) -> dict[str, Any]:
         return runner.get(run_spec(setting, entry, lr, seed, options, folder / f"lr{lr:g}-seed{seed}"))
 
-    grid = lr_grid(entry["default_lr"], options.quick)
-    search = {lr: one(lr, 0) for lr in grid}
-    val_by_lr = {lr: row.get("val") or {} for lr, row in search.items()}
-    chosen = choose_lr(val_by_lr) if len(grid) > 1 else grid[0]
-    finals = [one(chosen, seed) for seed in range(options.seeds)]
+    if "error" in entry:
+        return entry
+
+    def search_and_finals() -> tuple[dict, float, list[dict[str, Any]]]:
+        grid = lr_grid(entry["default_lr"], options.quick)
+        val_by_lr = {lr: one(lr, 0).get("val") or {} for lr in grid}
+        chosen = choose_lr(val_by_lr) if len(grid) > 1 else grid[0]
+        return val_by_lr, chosen, [one(chosen, seed) for seed in range(options.seeds)]
+
+    done, error = _attempt(search_and_finals)
+    if error is not None:
+        print(f"  {entry['label']} failed: {error}", file=sys.stderr, flush=True)
+        return {**entry, "error": error}
+    val_by_lr, chosen, finals = done
     accuracy = [100 * r["test"]["accuracy"] for r in finals]
     memory = [r.get("peak_cuda_mib") or r.get("peak_rss_mib") for r in finals]
     return {
@@ -302,6 +347,12 @@ def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict
     print(f"bench: {runner.trained} runs trained, {runner.skipped} found finished in {options.out / STORE_FILE}")
     if not report["suites"]:
         raise run.UsageError("no suite could run: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()))
+    failed = [f"{name} / {setting} / {r['label']}: {r['error']}" for name, suite in report["suites"].items()
+              for setting, block in suite["settings"].items() for r in block["rows"] if "error" in r]  # fmt: skip
+    if failed:
+        raise run.RunFailed(
+            f"{len(failed)} entries failed (the others are in {options.out}):\n  " + "\n  ".join(failed)
+        )
     return report
 
 
@@ -331,7 +382,8 @@ def leaderboard(report: dict[str, Any]) -> str:
         lines += [f"## {name}: {suite['about']}", ""]
         for setting_name, block in suite["settings"].items():
             s = block["setting"]
-            rows = sorted(block["rows"], key=lambda r: -r["accuracy_mean"])
+            failed = [r for r in block["rows"] if "error" in r]
+            rows = sorted((r for r in block["rows"] if "error" not in r), key=lambda r: -r["accuracy_mean"])
             memory = rows[0]["memory_kind"] if rows else ""
             lines += [
                 f"### {setting_name} (train {s['train_size'] or 'all'}, test {s['test_size'] or 'all'}, "
@@ -348,8 +400,8 @@ def leaderboard(report: dict[str, Any]) -> str:
                     f"| {r['label']} | {shown} | {adapter} | {r['trainable_params']:,} | {r['lr']:g} | "
                     f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['step_time_ms']:.0f} | {peak} |"
                 )
-            lines.append("")
-    if any(r["memory_kind"] == "process peak RSS" for s in report["suites"].values()
+            lines += [""] + [f"- {r['label']} failed: {r['error']}" for r in failed] + ([""] if failed else [])
+    if any(r.get("memory_kind") == "process peak RSS" for s in report["suites"].values()
            for b in s["settings"].values() for r in b["rows"]):  # fmt: skip
         lines += ["On CPU the peak is the bench process's resident set so far (it includes earlier runs).", ""]
     return "\n".join(lines)
@@ -362,7 +414,7 @@ def plot_suite(name: str, suite: dict[str, Any], x_key: str, x_label: str, path:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (setting_name, block) in zip(axes[0], panels):
         for r in block["rows"]:
-            if not r[x_key]:
+            if "error" in r or not r[x_key]:
                 continue
             ax.errorbar(r[x_key], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", capsize=3)
             ax.annotate(r["label"], (r[x_key], r["accuracy_mean"]), textcoords="offset points", xytext=(4, 4),
