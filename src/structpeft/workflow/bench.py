@@ -370,12 +370,13 @@ def leaderboard(report: dict[str, Any]) -> str:
     lines = ["# structpeft bench", ""]
     if report.get("command"):
         lines += [f"Made by `{report['command']}`.", ""]
-    lines += [
-        f"Test accuracy, mean ± std over {report['seeds']} seed(s), at the learning rate chosen on validation "
-        f"(grid: the default × {', '.join(f'{f:.3g}' for f in report['lr_factors'])}, seed 0)"
-        + (" — `--quick`: tiny subsets, checks the machinery, not the numbers." if report["quick"] else "."),
-        "",
-    ]
+    grid = ", ".join(f"{f:.3g}" for f in report["lr_factors"])
+    protocol = (
+        "the default learning rate (no search) — `--quick`: tiny subsets, checks the machinery, not the numbers."
+        if report["quick"]
+        else f"the learning rate chosen on validation (grid: the default × {grid}, seed 0)."
+    )
+    lines += [f"Test accuracy, mean ± std over {report['seeds']} seed(s), at {protocol}", ""]
     for name, reason in report["skipped"].items():
         lines += [f"Suite {name} skipped: {reason}", ""]
     for name, suite in report["suites"].items():
