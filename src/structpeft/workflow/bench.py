@@ -20,6 +20,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -218,7 +219,9 @@ def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
     except StoreMismatch:
         raise
     except Exception as e:  # noqa: BLE001 (recorded in results.json and the leaderboard, and the exit code)
-        return None, f"{type(e).__name__}: {e}".splitlines()[0]
+        where = traceback.extract_tb(e.__traceback__)[-1]  # an empty message (a bare assert) says where instead
+        return None, (f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else
+                      f"{type(e).__name__} at {where.filename}:{where.lineno} ({where.line})")  # fmt: skip
 
 
 # -- running: the store is the cache ------------------------------------------------------------------
