@@ -227,3 +227,38 @@ def test_a_method_that_fails_is_recorded_the_others_run_and_the_bench_fails_at_t
     assert "error" in rows["lora@r4"] and "error" in rows["lora@bad"]
     assert "- lora@r4 failed: RunFailed" in (tmp_path / "leaderboard.md").read_text()
     assert "tiny|" not in "".join(json.loads((tmp_path / bench.PLAN_FILE).read_text()))  # tried again next time
+
+
+def test_a_bench_process_killed_mid_way_resumes_and_the_finished_runs_are_not_repeated(tiny, tmp_path) -> None:
+    """SIGKILL (no cleanup at all) once the first run is in the store, then the same bench again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    script = (
+        "import pickle, sys; from structpeft.workflow import bench; "
+        f"suite = pickle.loads({__import__('pickle').dumps(tiny)!r}); bench.SUITES[suite.name] = suite; "
+        f"bench.bench([suite.name], bench.Options(seeds=1, out=__import__('pathlib').Path({str(out)!r})))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bench.__file__).parents[2]), os.getcwd()])}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL)
+    store = out / bench.STORE_FILE
+    try:
+        for _ in range(1200):  # up to two minutes for the first run to finish
+            if store.is_file() and store.read_text().count("\n") >= 1 or process.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = [json.loads(line)["out"] for line in store.read_text().splitlines()]
+    assert 1 <= len(finished) < 3 * 3
+
+    resumed = Counting()
+    _bench(tiny, out, resumed, seeds=1)
+    outs = [s.out for s in resumed.specs]
+    assert not set(finished) & set(outs)
+    assert len(outs) == 3 * 3 - len(finished)
