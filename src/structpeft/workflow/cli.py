@@ -8,6 +8,7 @@
   structpeft report runs/results.jsonl --plot runs/results.png
   structpeft generate --adapter runs/my-lm --prompt "Once upon a time"
   structpeft export --adapter runs/flora --rank 16 --out runs/flora-as-lora
+  structpeft bench --suite text --seeds 3 --out bench    # head-to-head suites (--quick: the machinery only)
 
 Argument parsing only; what each command does is in structpeft.workflow.run.
 """
@@ -115,6 +116,13 @@ def make_parser() -> argparse.ArgumentParser:
     ge.add_argument("--prompt", required=True)
     ge.add_argument("--max-new-tokens", type=int, default=64)
     ge.add_argument("--device", default=None)
+    be = sub.add_parser("bench", help="head-to-head suites: every method and the references, lr chosen on validation")
+    be.add_argument("--suite", choices=("text", "conv", "vit", "all"), default="all")
+    be.add_argument("--seeds", type=int, default=3, help="final runs per method (at the chosen lr)")
+    be.add_argument("--quick", action="store_true", help="tiny subsets, one seed, one lr: checks the machinery")
+    be.add_argument("--out", default="bench", help="folder for runs, results.json, leaderboard.md and plots; "
+                    "finished runs found there are not run again")  # fmt: skip
+    be.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     return parser
 
 
@@ -142,6 +150,15 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             raise run.UsageError(f"--params must be a positive integer, got {args.params}")
         task = args.task or PRESET_TASK.get(args.model, "fashion-mnist")
         run.budget(args.model, args.method, args.params, task, dict(args.settings))
+    elif args.command == "bench":
+        from structpeft.workflow import bench
+
+        if args.seeds < 1:
+            raise run.UsageError(f"--seeds must be a positive integer, got {args.seeds}")
+        suites = list(bench.SUITES) if args.suite == "all" else [args.suite]
+        options = bench.Options(seeds=1 if args.quick else args.seeds, quick=args.quick, out=Path(args.out),
+                                device=args.device, command=" ".join(["structpeft", *argv]))  # fmt: skip
+        bench.bench(suites, options)
     elif args.command == "report":
         rows = results.load_results([Path(s) for s in args.sources])
         if not rows:

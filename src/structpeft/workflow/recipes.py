@@ -2,7 +2,9 @@
 
 The method names come from structpeft's registry (``peft_type`` lower-cased, ``_`` -> ``-``: lora,
 flora, surm, coeff, kernel-mix), joined by ``+`` to compose them in one adapter (``coeff+lora``),
-plus two baselines that are not adapters: ``probe`` (the new head only) and ``full`` (every weight).
+plus two baselines that are not adapters: ``probe`` (the new head only) and ``full`` (every weight),
+and HF PEFT's own methods as references (``hf-lora``, ``hf-loha``, ``hf-c3a``: the ``peft`` package,
+imported when used), trained by the same loop on the same batches; they do not compose.
 ``surm-<structure>[-adapter]`` is shorthand for ``surm`` with those two fields set.
 
 Where each default comes from is recorded in docs/workflow.md ("Default hyperparameters").
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,8 @@ from structpeft.core import registered_methods
 BASELINES = ("probe", "full")
 SURM_ADAPTER_TARGETS = ["attention.output.dense", "output.dense"]  # Houlsby placement, BERT-style names
 NOT_SETTABLE = {"extra", "modules_to_save"}  # modules_to_save is the head the model gives
+# HF PEFT's methods, by their config class in the peft package.
+HF_METHODS = {"hf-lora": "LoraConfig", "hf-loha": "LoHaConfig", "hf-c3a": "C3AConfig"}
 # Coeff-Tuning is a plug-in on top of another method (arXiv 2503.18337): in a composition it keeps
 # its own learning rate and the other method leads (its lr is --lr's and the head's).
 PLUG_INS = ("coeff",)
@@ -39,13 +44,31 @@ def adapter_methods() -> dict[str, type[sp.AdapterConfig]]:
 
 
 def method_names() -> list[str]:
-    return sorted(adapter_methods()) + list(BASELINES)
+    return sorted(adapter_methods()) + list(BASELINES) + list(HF_METHODS)
+
+
+def config_class(name: str) -> type:
+    """The config class of a method name: structpeft's, or for an ``hf-*`` name HF PEFT's."""
+    if name not in HF_METHODS:
+        return adapter_methods()[name]
+    try:
+        import peft
+    except ImportError as e:
+        raise RecipeError(f"{name} is HF PEFT's method: install it with pip install peft") from e
+    return getattr(peft, HF_METHODS[name])
 
 
 # Defaults per model family: config fields and the learning rate. "targets" is resolved against
 # the model: "linear" = every linear layer but the head and the output embedding; "conv" = every
 # Conv2d; None = the method's own default (every attention layer or block).
 _LINEAR_WEIGHTS = {"target_modules": "linear"}
+# HF PEFT references. C3A's block size must divide every target's in and out sizes: "gcd" takes the
+# largest that does (PEFT's own advice); its lr is ours (C3A has no alpha scaling, so it wants a larger one).
+_HF_LINEAR = {
+    "hf-lora": {"r": 8, "lora_alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
+    "hf-loha": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
+    "hf-c3a": {"block_size": "gcd", "lr": 1e-2, **_LINEAR_WEIGHTS},
+}
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "text-encoder": {
         "lora": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
@@ -55,6 +78,7 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "kernel-mix": {"lr": 1e-3},
         "probe": {"lr": 2e-2},
         "full": {"lr": 5e-5},
+        **_HF_LINEAR,
     },
     "vit": {
         "lora": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
@@ -64,12 +88,16 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "kernel-mix": {"lr": 1e-3},
         "probe": {"lr": 1e-2},
         "full": {"lr": 5e-5},
+        **_HF_LINEAR,
     },
     "convnet": {
         "lora": {"r": 8, "alpha": 16, "lr": 1e-3, "target_modules": "conv"},
         "flora": {"r": 8, "alpha": 16, "lr": 5e-3, "target_modules": "conv"},
         "probe": {"lr": 1e-2},
         "full": {"lr": 1e-3},
+        # HF PEFT's LoRA-conv needs the rank divisible by a conv's groups: it skips the depthwise convs
+        "hf-lora": {"r": 8, "lora_alpha": 16, "lr": 1e-3, "target_modules": "conv-dense"},
+        "hf-loha": {"r": 8, "alpha": 16, "lr": 1e-3, "target_modules": "conv"},
     },
     "decoder": {
         "lora": {"r": 8, "alpha": 16, "lr": 2e-4, **_LINEAR_WEIGHTS},
@@ -99,6 +127,10 @@ class Recipe:
 
     def adapt(self, model: nn.Module, head: list[str]) -> nn.Module:
         """``model`` ready to train: a PeftModel, or for a baseline the model with the right weights trainable."""
+        if self.parts[0] in HF_METHODS:
+            import peft
+
+            return peft.get_peft_model(model, self.configs[0])
         if self.baseline is None:
             return sp.get_peft_model(model, self.configs)
         for name, p in model.named_parameters():
@@ -124,12 +156,14 @@ def split_method(method: str) -> list[tuple[str, dict[str, Any]]]:
             structure = name.removeprefix("surm-").removesuffix("-adapter")
             fields = {"structure": structure, "mode": "adapter" if name.endswith("-adapter") else "lora"}
             name = "surm"
-        if name not in known and name not in BASELINES:
+        if name not in known and name not in BASELINES and name not in HF_METHODS:
             raise RecipeError(f"unknown method {name!r}; choose from {', '.join(method_names())} (join with '+')")
         parts.append((name, fields))
     names = [n for n, _ in parts]
     if len(parts) > 1 and any(n in BASELINES for n in names):
         raise RecipeError(f"{method}: the baselines {' and '.join(BASELINES)} do not compose with adapters")
+    if len(parts) > 1 and any(n in HF_METHODS for n in names):
+        raise RecipeError(f"{method}: HF PEFT's methods ({', '.join(HF_METHODS)}) do not compose")
     if len(set(names)) != len(names):
         raise RecipeError(f"{method}: a method appears twice")
     return parts
@@ -138,7 +172,7 @@ def split_method(method: str) -> list[tuple[str, dict[str, Any]]]:
 def settable_fields(name: str) -> list[str]:
     if name in BASELINES:
         return ["lr"]
-    cls = adapter_methods()[name]
+    cls = config_class(name)
     return sorted({f.name for f in dataclasses.fields(cls)} - NOT_SETTABLE | {"lr"})
 
 
@@ -180,7 +214,7 @@ def check_method(method: str, settings: dict[str, str]) -> None:
             continue
         fields = {k: v for k, v in {**alias_fields, **routed[name]}.items() if k not in ("lr", "target_modules")}
         try:
-            adapter_methods()[name](**fields)
+            config_class(name)(**fields)
         except (TypeError, ValueError) as e:
             raise RecipeError(f"{name}: {e}") from e
     for name, fields in routed.items():
@@ -191,9 +225,23 @@ def check_method(method: str, settings: dict[str, str]) -> None:
 def _targets(spec: Any, model: nn.Module, head: list[str], family: str, name: str) -> Any:
     if spec == "linear":
         return "all-linear" if not head else _typed_modules(model, head, (nn.Linear,), "linear", name)
-    if spec == "conv":
-        return _typed_modules(model, head, (nn.Conv1d, nn.Conv2d, nn.Conv3d), "convolution", name)
+    if spec in ("conv", "conv-dense"):
+        names = _typed_modules(model, head, (nn.Conv1d, nn.Conv2d, nn.Conv3d), "convolution", name)
+        return [n for n in names if spec == "conv" or model.get_submodule(n).groups == 1]
     return spec
+
+
+def _common_block_size(model: nn.Module, targets: Any) -> int:
+    """The largest block size dividing every target layer's in and out sizes (C3A's block_size="gcd")."""
+    if not isinstance(targets, list):
+        raise RecipeError(f"block_size=gcd needs the target layers named, got target_modules={targets!r}")
+    sizes = [size for n in targets for size in _in_out(model.get_submodule(n))]
+    return math.gcd(*sizes)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    weight = module.weight  # nn.Linear (out, in); transformers' Conv1D (in, out): gcd does not care
+    return int(weight.shape[0]), int(weight.shape[1])
 
 
 def _typed_modules(model: nn.Module, head: list[str], types: tuple[type, ...], what: str, method: str) -> list[str]:
@@ -244,8 +292,10 @@ def build_recipe(method: str, family: str, settings: dict[str, str], model: nn.M
             fields["target_modules"] = SURM_ADAPTER_TARGETS
         if "target_modules" in fields:
             fields["target_modules"] = _targets(fields["target_modules"], model, head, family, name)
+        if fields.get("block_size") == "gcd":
+            fields["block_size"] = _common_block_size(model, fields["target_modules"])
         try:
-            config = adapter_methods()[name](**fields, modules_to_save=list(head) if name == lead and head else None)
+            config = config_class(name)(**fields, modules_to_save=list(head) if name == lead and head else None)
         except TypeError as e:
             raise RecipeError(f"{name}: {e}") from e
         recipe.configs.append(config)
@@ -261,4 +311,4 @@ def _why_not(name: str, family: str) -> str:
 
 
 def config_field_types(name: str) -> dict[str, Any]:
-    return typing.get_type_hints(adapter_methods()[name])
+    return typing.get_type_hints(config_class(name))

@@ -322,25 +322,39 @@ SIZE_KNOBS = {
 
 
 def adapter_params(model: nn.Module) -> int:
-    """Trainable parameters of the adapter itself (not the new head's full copy)."""
-    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".copies." not in n)
+    """Trainable parameters of the adapter itself (not the new head's full copy: structpeft's ``.copies.``,
+    HF PEFT's ``.modules_to_save.``)."""
+    head_copy = (".copies.", ".modules_to_save.")
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not any(c in n for c in head_copy))
 
 
-def budget(model_ref: str, method: str, params: int, task_ref: str, settings: dict[str, str]) -> dict[str, Any]:
-    """The size setting of ``method`` whose adapter comes closest to ``params`` trainable parameters."""
+def load_for_sizing(model_ref: str, task_ref: str) -> LoadedModel:
+    """The model with its new head for ``task_ref`` (read on a small subset): enough to size adapters."""
+    return _load(RunSpec(model=model_ref, task=task_ref, train_size=64, test_size=8, val_size=8))[1]
+
+
+def adapter_size(loaded: LoadedModel, method: str, settings: dict[str, str]) -> int:
+    """Adapter parameters of ``method`` with ``settings`` on a copy of ``loaded``'s model."""
+    model = copy.deepcopy(loaded.model)
+    recipe = recipes.build_recipe(method, loaded.family, settings, model, loaded.head)
+    return adapter_params(recipe.adapt(model, loaded.head))
+
+
+def size_for(loaded: LoadedModel, method: str, params: int, settings: dict[str, str]) -> dict[str, Any]:
+    """The size setting of ``method`` whose adapter on ``loaded`` comes closest to ``params`` parameters:
+    ``{"method", "target", "settings" (the knob's fields), "adapter_params"}``."""
     parts = recipes.split_method(method)
     sized = [(name, fields) for name, fields in parts if name in SIZE_KNOBS]
     if not sized:
         raise UsageError(f"{method}: no size to choose (sizeable methods: {', '.join(SIZE_KNOBS)})")
     name = sized[0][0]
-    check_spec(RunSpec(model=model_ref, task=task_ref, method=method, settings=settings))
-    task, loaded = _load(RunSpec(model=model_ref, task=task_ref, train_size=64, test_size=8, val_size=8))
+    counts: dict[int, int] = {}
 
     def count(k: int) -> int:
-        knob = {(f"{name}.{key}" if len(parts) > 1 else key): str(v) for key, v in SIZE_KNOBS[name](k).items()}
-        model = copy.deepcopy(loaded.model)
-        recipe = recipes.build_recipe(method, loaded.family, {**settings, **knob}, model, loaded.head)
-        return adapter_params(recipe.adapt(model, loaded.head))
+        if k not in counts:
+            knob = {(f"{name}.{key}" if len(parts) > 1 else key): str(v) for key, v in SIZE_KNOBS[name](k).items()}
+            counts[k] = adapter_size(loaded, method, {**settings, **knob})
+        return counts[k]
 
     low, high = 1, 1
     while count(high) < params and high < 4096:
@@ -349,8 +363,16 @@ def budget(model_ref: str, method: str, params: int, task_ref: str, settings: di
         mid = (low + high) // 2
         low, high = (mid, high) if count(mid) < params else (low, mid)
     best = min((low, high), key=lambda k: abs(count(k) - params))
-    chosen = SIZE_KNOBS[name](best)
-    found = {"method": method, "target": params, "settings": chosen, "adapter_params": count(best)}
-    sets = " ".join(f"--set {k}={v}" for k, v in chosen.items())
+    return {"method": method, "target": params, "settings": SIZE_KNOBS[name](best), "adapter_params": count(best)}
+
+
+def budget(model_ref: str, method: str, params: int, task_ref: str, settings: dict[str, str]) -> dict[str, Any]:
+    """The size setting of ``method`` whose adapter comes closest to ``params`` trainable parameters."""
+    parts = recipes.split_method(method)
+    if not any(name in SIZE_KNOBS for name, _ in parts):
+        raise UsageError(f"{method}: no size to choose (sizeable methods: {', '.join(SIZE_KNOBS)})")
+    check_spec(RunSpec(model=model_ref, task=task_ref, method=method, settings=settings))
+    found = size_for(load_for_sizing(model_ref, task_ref), method, params, settings)
+    sets = " ".join(f"--set {k}={v}" for k, v in found["settings"].items())
     print(f"{method} on {model_ref}: {sets} gives {found['adapter_params']:,} adapter parameters (target {params:,})")
     return found

@@ -1,0 +1,431 @@
+"""``structpeft bench``: head-to-head suites, each method on its home ground, through one loop.
+
+A suite is data (:data:`SUITES`): settings (model, task, data sizes, epochs) and the methods to run:
+ours at two parameter budgets (picked by :func:`run.size_for`, sized to a reference's adapter), ours
+at their own fixed size, and references (linear probe, full fine-tuning, HF PEFT's LoRA, LoHa and C3A).
+
+Protocol, the same for every method: the learning rate is chosen on the validation split from a grid
+of three values around the method's default, with seed 0 (only validation scores are read); the
+final runs use seeds 0..N-1 at the chosen rate (seed 0 is the search run itself: the same spec) and
+each scores the test split once, at its end (``finetune`` does that).
+
+The results store (``OUT/results.jsonl``, one row per finished run) is the cache: a run whose folder
+(``OUT/runs/<suite>/<setting>/<method>[@budget]/lr<lr>-seed<seed>``) has a finished row is not run
+again, so an interrupted bench resumes where it stopped. Sizes are cached in ``OUT/plan.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from structpeft.workflow import recipes, results, run
+
+LR_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around a method's default learning rate
+QUICK_FIELDS = {"train_size": 64, "test_size": 64, "val_size": 16, "epochs": 1, "batch_size": 16, "max_length": 32}
+# Spec fields that do not change what a run computes (where it writes, how it shows progress).
+NOT_IN_KEY = {"out", "results", "progress", "device", "resume", "save_every"}
+PLAN_FILE, STORE_FILE, RESULTS_FILE, LEADERBOARD_FILE = "plan.json", "results.jsonl", "results.json", "leaderboard.md"
+
+
+class StoreMismatch(run.UsageError):
+    """The store has a run in the folder a planned run would use, made with other settings."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One model on one task at one data size."""
+
+    name: str
+    model: str
+    task: str
+    train_size: int | None = None  # None: the whole train split
+    test_size: int | None = None
+    val_size: float = 0.1
+    epochs: int = 1
+    batch_size: int = 32
+    max_length: int = 64
+    image_size: int | None = None
+    quick_image_size: int | None = None  # --quick's (small, and a multiple of a ViT's patch)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parameter budget: the adapter size of ``method`` with ``settings`` on the setting's model."""
+
+    name: str
+    method: str
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    about: str
+    settings: tuple[Setting, ...]
+    sized: tuple[str, ...]  # ours, at each budget
+    fixed: tuple[str, ...]  # ours whose size is their own (SURM circulant, Coeff-Tuning)
+    references: tuple[str, ...]
+    budgets: tuple[Budget, ...]
+
+
+_OURS_ON_TRANSFORMERS = ("lora", "flora", "surm-ldr", "kernel-mix", "coeff+lora")
+_REFERENCES = ("probe", "full", "hf-lora", "hf-loha", "hf-c3a")
+_TRANSFORMER_BUDGETS = (Budget("c3a", "hf-c3a"), Budget("lora-r8", "lora", {"r": "8"}))
+
+
+def _vision(model: str, image_size: int, quick_image_size: int) -> tuple[Setting, ...]:
+    """The full-size setting and the low-data ones (SURM claims its largest gains with little data)."""
+    common = {"model": model, "task": "fashion-mnist", "test_size": 2000, "image_size": image_size,
+              "quick_image_size": quick_image_size}  # fmt: skip
+    return (
+        Setting(f"{model}/10000", train_size=10000, epochs=1, **common),
+        Setting(f"{model}/5000", train_size=5000, epochs=2, **common),
+        Setting(f"{model}/500", train_size=500, epochs=5, batch_size=16, val_size=100, **common),
+    )
+
+
+# Sizes are first guesses at "about 90 minutes on 2 CPU cores per suite"; the full runs will tune them.
+SUITES: dict[str, Suite] = {
+    "text": Suite(
+        "text", "MiniLM on Rotten Tomatoes",
+        (Setting("minilm", "minilm", "rotten-tomatoes", train_size=3000, epochs=2),),
+        _OURS_ON_TRANSFORMERS, ("surm", "coeff"), _REFERENCES, _TRANSFORMER_BUDGETS,
+    ),
+    "conv": Suite(
+        "conv", "MobileNetV2 and EfficientNet-Lite0 on Fashion-MNIST (depthwise and pointwise convs: FLoRA's home)",
+        _vision("mobilenet_v2", 64, 32) + _vision("efficientnet_lite0", 64, 32),
+        ("lora", "flora"), (), ("probe", "full", "hf-lora", "hf-loha"),
+        # a convnet has no layer C3A adapts (it takes linear layers): the small budget is LoRA r=1's
+        (Budget("lora-r1", "lora", {"r": "1"}), Budget("lora-r8", "lora", {"r": "8"})),
+    ),
+    "vit": Suite(
+        "vit", "DINOv2-S on Fashion-MNIST (Coeff-Tuning's home)",
+        _vision("dinov2_small", 56, 28),
+        _OURS_ON_TRANSFORMERS, ("surm", "coeff"), _REFERENCES, _TRANSFORMER_BUDGETS,
+    ),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A row of the leaderboard: a method at a size."""
+
+    label: str  # method, or method@budget
+    method: str
+    budget: str | None
+    settings: dict[str, str]
+
+
+@dataclass
+class Options:
+    seeds: int = 3
+    quick: bool = False
+    out: Path = Path("bench")
+    device: str = "auto"
+    command: str | None = None
+
+
+def settings_of(suite: Suite, quick: bool) -> list[Setting]:
+    """The suite's settings; ``--quick``: one per model, on tiny subsets."""
+    if not quick:
+        return list(suite.settings)
+    first = {s.model: s for s in reversed(suite.settings)}
+    return [quick_setting(first[m]) for m in dict.fromkeys(s.model for s in suite.settings)]
+
+
+def quick_setting(setting: Setting) -> Setting:
+    return replace(
+        setting, name=f"{Path(setting.model).name}-quick", **QUICK_FIELDS, image_size=setting.quick_image_size
+    )
+
+
+def lr_grid(default: float, quick: bool) -> list[float]:
+    return [default] if quick else [float(f"{default * f:.3g}") for f in LR_FACTORS]
+
+
+def choose_lr(val_by_lr: dict[float, dict[str, float]]) -> float:
+    """The learning rate with the best validation score (accuracy, then lower loss); test is never read."""
+
+    def score(lr: float) -> tuple[float, float]:
+        val = val_by_lr[lr]
+        if not val:
+            raise ValueError(f"lr {lr:g}: the run has no validation score to choose by")
+        return (val.get("accuracy", 0.0), -val["loss"])
+
+    return max(val_by_lr, key=score)
+
+
+# -- planning: sizes and default learning rates, cached -----------------------------------------------
+def plan_setting(suite: Suite, setting: Setting, plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each entry of ``suite`` on ``setting``'s model: its size settings, adapter size and default lr.
+    Cached in ``plan`` under the model and task (sizes do not depend on data sizes)."""
+    key = f"{suite.name}|{setting.model}|{setting.task}"
+    if key in plan:
+        return plan[key]
+    loaded = run.load_for_sizing(setting.model, setting.task)
+    targets = {b.name: _attempt(lambda b=b: run.adapter_size(loaded, b.method, b.settings)) for b in suite.budgets}
+    shown_targets = ", ".join(f"{n} {p:,}" if p is not None else f"{n} failed ({e})" for n, (p, e) in targets.items())
+    print(f"{suite.name} / {setting.model}: budgets {shown_targets}", flush=True)
+    entries = [(Entry(m, m, None, {}), None) for m in (*suite.references, *suite.fixed)]
+    for method in suite.sized:
+        for name, (target, failed) in targets.items():
+            found, error = (
+                (None, f"budget {name}: {failed}")
+                if failed
+                else _attempt(lambda m=method, t=target: run.size_for(loaded, m, t, {}))
+            )
+            settings = {k: str(v) for k, v in found["settings"].items()} if found else {}
+            entries.append((Entry(f"{method}@{name}", method, name, settings), error))
+    rows = []
+    for entry, error in entries:
+        row = {**dataclasses.asdict(entry), "adapter_params": None, "default_lr": None,
+               "budget_target": targets[entry.budget][0] if entry.budget else None}  # fmt: skip
+        if error is None:
+            described, error = _attempt(lambda e=entry: _describe(loaded, e))
+            row.update(described or {})
+        if error is not None:
+            row["error"] = error
+            print(f"  {entry.label:24} failed: {error}", flush=True)
+            rows.append(row)
+            continue
+        shown = " ".join(f"{k}={v}" for k, v in entry.settings.items())
+        sized = "-" if row["adapter_params"] is None else f"{row['adapter_params']:,}"
+        print(f"  {entry.label:24} {shown:28} adapter {sized:>10}  default lr {row['default_lr']:g}", flush=True)
+        rows.append(row)
+    if not any("error" in row for row in rows):  # a failure is tried again on the next bench
+        plan[key] = rows
+    return rows
+
+
+def _describe(loaded: Any, entry: Entry) -> dict[str, Any]:
+    recipe = recipes.build_recipe(entry.method, loaded.family, entry.settings, loaded.model, loaded.head)
+    size = None if recipe.baseline else run.adapter_size(loaded, entry.method, entry.settings)
+    return {"adapter_params": size, "default_lr": recipe.lr}
+
+
+def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(result, None), or (None, the error) for a method that cannot be built or trained on a model:
+    the bench records it, goes on with the others and fails at the end naming each."""
+    try:
+        return work(), None
+    except StoreMismatch:
+        raise
+    except Exception as e:  # noqa: BLE001 (recorded in results.json and the leaderboard, and the exit code)
+        where = traceback.extract_tb(e.__traceback__)[-1]  # an empty message (a bare assert) says where instead
+        return None, (f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else
+                      f"{type(e).__name__} at {where.filename}:{where.lineno} ({where.line})")  # fmt: skip
+
+
+# -- running: the store is the cache ------------------------------------------------------------------
+def run_spec(setting: Setting, entry: dict[str, Any], lr: float, seed: int, options: Options, folder: Path):
+    return run.RunSpec(
+        model=setting.model, task=setting.task, method=entry["method"], settings=dict(entry["settings"]),
+        epochs=setting.epochs, lr=lr, batch_size=setting.batch_size, max_length=setting.max_length,
+        image_size=setting.image_size, val_size=setting.val_size, seed=seed, device=options.device,
+        train_size=setting.train_size, test_size=setting.test_size, out=str(folder),
+        results=str(options.out / STORE_FILE), progress="none",
+    )  # fmt: skip
+
+
+def spec_key(spec: run.RunSpec | dict[str, Any]) -> dict[str, Any]:
+    fields = dataclasses.asdict(spec) if isinstance(spec, run.RunSpec) else spec
+    return {k: v for k, v in fields.items() if k not in NOT_IN_KEY}
+
+
+class Runner:
+    """Runs what the store does not have; ``finetune`` is the workflow's (tests count its calls)."""
+
+    def __init__(self, options: Options, finetune: Callable[..., dict[str, Any]] | None = None) -> None:
+        self.options = options
+        self.finetune = finetune or run.finetune
+        store = options.out / STORE_FILE
+        rows = results.load_results([store]) if store.is_file() else []
+        self.done = {row["out"]: row for row in rows if row.get("status") == "finished" and "out" in row}
+        self.found = set(self.done)  # finished before this bench started
+        self.trained = 0
+        self.skipped = 0  # found finished (not a search run reused as the seed-0 final run)
+
+    def get(self, spec: run.RunSpec) -> dict[str, Any]:
+        row = self.done.get(spec.out)
+        if row is not None:
+            if spec_key(row["spec"]) != spec_key(spec):
+                changed = sorted(k for k, v in spec_key(spec).items() if row["spec"].get(k) != v)
+                raise StoreMismatch(
+                    f"{spec.out} holds a run made with other settings ({', '.join(changed)}): "
+                    f"give another --out, or delete that folder's row from {self.options.out / STORE_FILE}"
+                )
+            self.skipped += spec.out in self.found
+            self.found.discard(spec.out)
+            return row
+        if self.options.device != "cpu":
+            _reset_cuda_peak()
+        row = self.finetune(spec)
+        self.done[spec.out] = {**row, "out": spec.out}
+        self.trained += 1
+        return self.done[spec.out]
+
+
+def _reset_cuda_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, Any]) -> dict[str, Any]:
+    """The lr search on validation (seed 0), then the seeds at the chosen lr."""
+    options = runner.options
+    folder = options.out / "runs" / suite.name / setting.name / entry["label"]
+
+    def one(lr: float, seed: int) -> dict[str, Any]:
+        return runner.get(run_spec(setting, entry, lr, seed, options, folder / f"lr{lr:g}-seed{seed}"))
+
+    if "error" in entry:
+        return entry
+
+    def search_and_finals() -> tuple[dict, float, list[dict[str, Any]]]:
+        grid = lr_grid(entry["default_lr"], options.quick)
+        val_by_lr = {lr: one(lr, 0).get("val") or {} for lr in grid}
+        chosen = choose_lr(val_by_lr) if len(grid) > 1 else grid[0]
+        return val_by_lr, chosen, [one(chosen, seed) for seed in range(options.seeds)]
+
+    done, error = _attempt(search_and_finals)
+    if error is not None:
+        print(f"  {entry['label']} failed: {error}", file=sys.stderr, flush=True)
+        return {**entry, "error": error}
+    val_by_lr, chosen, finals = done
+    accuracy = [100 * r["test"]["accuracy"] for r in finals]
+    memory = [r.get("peak_cuda_mib") or r.get("peak_rss_mib") for r in finals]
+    return {
+        **entry,
+        "lr_grid": {f"{lr:g}": val.get("accuracy") for lr, val in val_by_lr.items()},
+        "lr": chosen,
+        "trainable_params": finals[0]["trainable_params"],
+        "accuracy_mean": statistics.mean(accuracy),
+        "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+        "seeds": len(finals),
+        "step_time_ms": statistics.mean(r.get("step_time_ms") or 0.0 for r in finals),
+        "peak_mib": max(m for m in memory if m is not None) if any(memory) else None,
+        "memory_kind": "cuda allocator" if finals[0].get("peak_cuda_mib") else "process peak RSS",
+        "device": finals[0].get("device"),
+        "runs": [{"seed": r["seed"], "test_accuracy": r["test"]["accuracy"], "out": r["out"]} for r in finals],
+    }
+
+
+def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict[str, Any]] | None = None) -> dict:
+    """Every suite named; a suite whose models or data are not installed is skipped, with the reason."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    plan_path = options.out / PLAN_FILE
+    plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
+    runner = Runner(options, finetune)
+    report: dict[str, Any] = {"command": options.command, "seeds": options.seeds, "quick": options.quick,
+                              "lr_factors": list(LR_FACTORS), "suites": {}, "skipped": {}}  # fmt: skip
+    for name in suite_names:
+        suite = SUITES[name]
+        try:
+            settings = settings_of(suite, options.quick)
+            plans = [(s, plan_setting(suite, s, plan)) for s in settings]
+        except FileNotFoundError as e:
+            print(f"suite {name} skipped: {e}", file=sys.stderr, flush=True)
+            report["skipped"][name] = str(e)
+            continue
+        results.write_json(plan_path, plan)
+        report["suites"][name] = {"about": suite.about, "settings": {}}
+        for setting, entries in plans:
+            rows = []
+            for entry in entries:
+                print(f"{name} / {setting.name} / {entry['label']}", flush=True)
+                rows.append(run_entry(runner, suite, setting, entry))
+            report["suites"][name]["settings"][setting.name] = {"setting": dataclasses.asdict(setting), "rows": rows}
+            write_outputs(report, options.out)  # what there is so far, after each setting
+    write_outputs(report, options.out)
+    print(f"bench: {runner.trained} runs trained, {runner.skipped} found finished in {options.out / STORE_FILE}")
+    if not report["suites"]:
+        raise run.UsageError("no suite could run: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()))
+    failed = [f"{name} / {setting} / {r['label']}: {r['error']}" for name, suite in report["suites"].items()
+              for setting, block in suite["settings"].items() for r in block["rows"] if "error" in r]  # fmt: skip
+    if failed:
+        raise run.RunFailed(
+            f"{len(failed)} entries failed (the others are in {options.out}):\n  " + "\n  ".join(failed)
+        )
+    return report
+
+
+# -- outputs ----------------------------------------------------------------------------------------
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    results.write_json(out / RESULTS_FILE, report)
+    (out / LEADERBOARD_FILE).write_text(leaderboard(report), encoding="utf-8")
+    for name, suite in report["suites"].items():
+        if suite["settings"]:
+            plot_suite(name, suite, "trainable_params", "trainable parameters", out / f"{name}-accuracy-vs-params.png")
+            plot_suite(name, suite, "step_time_ms", "step time (ms, median)", out / f"{name}-accuracy-vs-step-time.png")
+
+
+def leaderboard(report: dict[str, Any]) -> str:
+    lines = ["# structpeft bench", ""]
+    if report.get("command"):
+        lines += [f"Made by `{report['command']}`.", ""]
+    grid = ", ".join(f"{f:.3g}" for f in report["lr_factors"])
+    protocol = (
+        "the default learning rate (no search) — `--quick`: tiny subsets, checks the machinery, not the numbers."
+        if report["quick"]
+        else f"the learning rate chosen on validation (grid: the default × {grid}, seed 0)."
+    )
+    lines += [f"Test accuracy, mean ± std over {report['seeds']} seed(s), at {protocol}", ""]
+    for name, reason in report["skipped"].items():
+        lines += [f"Suite {name} skipped: {reason}", ""]
+    for name, suite in report["suites"].items():
+        lines += [f"## {name}: {suite['about']}", ""]
+        for setting_name, block in suite["settings"].items():
+            s = block["setting"]
+            failed = [r for r in block["rows"] if "error" in r]
+            rows = sorted((r for r in block["rows"] if "error" not in r), key=lambda r: -r["accuracy_mean"])
+            memory = rows[0]["memory_kind"] if rows else ""
+            lines += [
+                f"### {setting_name} (train {s['train_size'] or 'all'}, test {s['test_size'] or 'all'}, "
+                f"{s['epochs']} epoch(s), device {rows[0]['device'] if rows else '-'})",
+                "",
+                f"| method | settings | adapter params | trainable | lr | accuracy % | step ms | peak MiB ({memory}) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            for r in rows:
+                shown = " ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
+                peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] else "-"
+                adapter = "-" if r["adapter_params"] is None else f"{r['adapter_params']:,}"
+                lines.append(
+                    f"| {r['label']} | {shown} | {adapter} | {r['trainable_params']:,} | {r['lr']:g} | "
+                    f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['step_time_ms']:.0f} | {peak} |"
+                )
+            lines += [""] + [f"- {r['label']} failed: {r['error']}" for r in failed] + ([""] if failed else [])
+    if any(r.get("memory_kind") == "process peak RSS" for s in report["suites"].values()
+           for b in s["settings"].values() for r in b["rows"]):  # fmt: skip
+        lines += ["On CPU the peak is the bench process's resident set so far (it includes earlier runs).", ""]
+    return "\n".join(lines)
+
+
+def plot_suite(name: str, suite: dict[str, Any], x_key: str, x_label: str, path: Path) -> None:
+    """One panel per setting: test accuracy (mean ± std) against ``x_key``, log scale."""
+    plt = results._pyplot()
+    panels = list(suite["settings"].items())
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (setting_name, block) in zip(axes[0], panels):
+        for r in block["rows"]:
+            if "error" in r or not r[x_key]:
+                continue
+            ax.errorbar(r[x_key], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", capsize=3)
+            ax.annotate(r["label"], (r[x_key], r["accuracy_mean"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set(xlabel=x_label, ylabel="test accuracy %", title=f"{name}: {setting_name}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

