@@ -93,9 +93,6 @@ def _dinov2_small(task: Task) -> LoadedModel:
     config.num_labels = task.num_labels
     config.id2label = dict(enumerate(task.label_names or []))
     config.label2id = {v: k for k, v in config.id2label.items()}
-    # built at the checkpoint's size, so its position embeddings load; 112 px images interpolate them
-    patches = backbone.embeddings.position_embeddings.shape[1] - 1  # (1, 1 + patches, d)
-    config.image_size = round(patches**0.5) * config.patch_size
     model = Dinov2ForImageClassification(config)
     model.dinov2.load_state_dict(backbone.state_dict())
     model.config.image_size = 112
