@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -112,6 +112,34 @@ def test_grouped_lora_conv_merges() -> None:
     y = model(x)
     assert delta_of(model, "0", "lora").delta_weight(layer).shape == layer.weight.shape
     model.merge_adapter()
+    assert torch.allclose(model(x), y, atol=1e-5)
+
+
+class SamePaddingConv2d(nn.Conv2d):
+    """TensorFlow "same" padding worked out in the forward, as EfficientNet ports do; its
+    constructor needs an extra argument, so adapters cannot rebuild it by its type."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, image_size: int, **kw):
+        super().__init__(in_channels, out_channels, kernel_size, stride, **kw)
+        out = -(-image_size // stride)
+        total = max((out - 1) * stride + kernel_size - image_size, 0)
+        self.same = nn.ZeroPad2d((total // 2, total - total // 2) * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.same(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("config", [sp.LoraConfig(r=2, init_weights=False), sp.FloraConfig(r=2, init_weights=False)])
+def test_conv_subclass_with_its_own_padding_adapts_and_merges(config, groups: int) -> None:
+    torch.manual_seed(0)
+    layer = SamePaddingConv2d(8, 12, 4, stride=2, image_size=9, groups=groups)
+    x = torch.randn(2, 8, 9, 9)
+    base = layer(x)
+    model = sp.get_peft_model(nn.Sequential(layer), replace(config, target_modules=["0"]))
+    y = model(x)
+    assert y.shape == base.shape and not torch.allclose(y, base, atol=1e-3)
+    model.merge_adapter()  # the merged layer runs its own forward: the unmerged path must agree
     assert torch.allclose(model(x), y, atol=1e-5)
 
 

@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
     HFConv1D = None
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_CLASS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_TORCH_CONV_FORWARDS = {cls.forward for cls in _CONV_CLASS.values()}
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,29 @@ def layer_geometry(layer: nn.Module, name: str = "") -> LayerGeometry:
 
 
 def conv_like(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Apply ``weight`` to ``x`` with ``layer``'s stride, padding, dilation and padding mode."""
+    """Apply ``weight`` to ``x`` with ``layer``'s stride, padding, dilation and padding mode.
+
+    A conv subclass with a forward of its own (TensorFlow-style "same" padding worked out in the
+    forward, as in EfficientNet ports) runs that forward with ``weight`` in place of its weight."""
+    if type(layer).forward not in _TORCH_CONV_FORWARDS:
+        if groups != layer.groups:
+            raise ValueError(
+                f"{type(layer).__name__} has its own forward with groups={layer.groups}; "
+                f"a delta applied through it must use the same groups, not {groups}"
+            )
+        return torch.func.functional_call(layer, {"weight": weight, "bias": None}, (x,))
     conv = _CONV_FN[weight.dim() - 2]
     weight = _canonical_strides(weight)
     if layer.padding_mode != "zeros":
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         return conv(x, weight, None, layer.stride, 0, layer.dilation, groups)
     return conv(x, weight, None, layer.stride, layer.padding, layer.dilation, groups)
+
+
+def plain_conv_class(layer: nn.Module) -> type[nn.Module]:
+    """The torch conv class with ``layer``'s number of spatial dims (subclasses may need extra
+    constructor arguments, such as an image size)."""
+    return _CONV_CLASS[len(layer.kernel_size)]
 
 
 def pointwise_conv(x: torch.Tensor, matrix: torch.Tensor, groups: int = 1) -> torch.Tensor:

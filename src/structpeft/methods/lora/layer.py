@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from structpeft.core.layers import AdapterDelta, conv_like, layer_geometry, pointwise_conv
+from structpeft.core.layers import AdapterDelta, conv_like, layer_geometry, plain_conv_class, pointwise_conv
 from structpeft.methods.lora.config import LoraConfig
 
 
@@ -37,7 +37,7 @@ class LoraDelta(AdapterDelta):
             self.lora_A = nn.Linear(geo.in_features, r, bias=False)
             self.lora_B = nn.Linear(r, geo.out_features, bias=False)
         else:
-            conv = type(layer)
+            conv = plain_conv_class(layer)
             self.lora_A = conv(geo.in_features // geo.groups, r, layer.kernel_size, bias=False)
             self.lora_B = conv(r, geo.out_features, 1, bias=False)
         self.reset_parameters(config.init_weights)
