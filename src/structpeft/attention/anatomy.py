@@ -214,14 +214,16 @@ def _probe_arguments(block: nn.Module, hidden: torch.Tensor) -> tuple[list, dict
 
 
 def _materialised(block: nn.Module) -> nn.Module:
-    """A copy of a meta-device block with real, random weights (zero buffers: identity rotations)."""
+    """A copy of a meta-device block with real, random weights (zero buffers: identity rotations;
+    boolean ones all True: masks that hide nothing)."""
     replica = copy.deepcopy(block).to_empty(device="cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in replica.parameters():
             parameter.normal_(0.0, 0.02, generator=generator)
         for buffer in replica.buffers():
-            buffer.zero_()
+            # boolean buffers are masks (GPT-2's causal "bias" in older transformers): all True hides nothing
+            buffer.fill_(True) if buffer.dtype == torch.bool else buffer.zero_()
     return replica
 
 
