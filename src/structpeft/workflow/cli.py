@@ -9,6 +9,7 @@
   structpeft generate --adapter runs/my-lm --prompt "Once upon a time"
   structpeft export --adapter runs/flora --rank 16 --out runs/flora-as-lora
   structpeft bench --suite text --seeds 3 --out bench    # head-to-head suites (--quick: the machinery only)
+  structpeft bench --suite speed --sections text,conv     # step time and memory beside HF PEFT, as ratios
 
 Argument parsing only; what each command does is in structpeft.workflow.run.
 """
@@ -16,7 +17,9 @@ Argument parsing only; what each command does is in structpeft.workflow.run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from structpeft.workflow import recipes
@@ -117,13 +120,39 @@ def make_parser() -> argparse.ArgumentParser:
     ge.add_argument("--max-new-tokens", type=int, default=64)
     ge.add_argument("--device", default=None)
     be = sub.add_parser("bench", help="head-to-head suites: every method and the references, lr chosen on validation")
-    be.add_argument("--suite", choices=("text", "conv", "vit", "all"), default="all")
+    be.add_argument("--suite", choices=("text", "conv", "vit", "speed", "all"), default="all")
     be.add_argument("--seeds", type=int, default=3, help="final runs per method (at the chosen lr)")
     be.add_argument("--quick", action="store_true", help="tiny subsets, one seed, one lr: checks the machinery")
     be.add_argument("--out", default="bench", help="folder for runs, results.json, leaderboard.md and plots; "
                     "finished runs found there are not run again")  # fmt: skip
     be.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    be.add_argument("--rounds", type=int, default=None, help="speed suite: interleaved timed steps (default 20)")
+    be.add_argument("--sections", default=None, help="speed suite: a comma list of text, conv, surm, attention, "
+                    "compile, products (default: all)")  # fmt: skip
     return parser
+
+
+def _speed_run(args: argparse.Namespace, argv: list[str]) -> Callable[[], object]:
+    """The speed suite's flags checked now, before any suite runs; the returned call measures."""
+    from structpeft.workflow import run, speed, train
+
+    names = [n.strip() for n in args.sections.split(",")] if args.sections else [*speed.SECTIONS, "products"]
+    unknown = [n for n in names if n not in speed.SECTIONS and n != "products"]
+    if unknown:
+        raise run.UsageError(f"--sections: unknown {', '.join(unknown)}; the sections are "
+                             f"{', '.join([*speed.SECTIONS, 'products'])}")  # fmt: skip
+    scale = speed.QUICK if args.quick else speed.Scale()
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise run.UsageError(f"--rounds must be a positive integer, got {args.rounds}")
+        scale = dataclasses.replace(scale, rounds=args.rounds)
+    try:
+        device = train.resolve_device(args.device)
+    except ValueError as e:
+        raise run.UsageError(str(e)) from None
+    sections = [n for n in names if n != "products"]
+    return lambda: speed.run_speed(Path(args.out) / "speed", device, scale, sections, "products" in names,
+                                   " ".join(["structpeft", *argv]))  # fmt: skip
 
 
 PRESET_TASK = {"minilm": "rotten-tomatoes"}  # budget's default task per model preset; vision: fashion-mnist
@@ -155,10 +184,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         if args.seeds < 1:
             raise run.UsageError(f"--seeds must be a positive integer, got {args.seeds}")
-        suites = list(bench.SUITES) if args.suite == "all" else [args.suite]
-        options = bench.Options(seeds=1 if args.quick else args.seeds, quick=args.quick, out=Path(args.out),
-                                device=args.device, command=" ".join(["structpeft", *argv]))  # fmt: skip
-        bench.bench(suites, options)
+        speed_run = _speed_run(args, argv) if args.suite in ("speed", "all") else None
+        if args.suite != "speed":
+            suites = list(bench.SUITES) if args.suite == "all" else [args.suite]
+            options = bench.Options(seeds=1 if args.quick else args.seeds, quick=args.quick, out=Path(args.out),
+                                    device=args.device, command=" ".join(["structpeft", *argv]))  # fmt: skip
+            bench.bench(suites, options)
+        if speed_run is not None:
+            speed_run()
     elif args.command == "report":
         rows = results.load_results([Path(s) for s in args.sources])
         if not rows:
