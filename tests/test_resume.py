@@ -75,9 +75,22 @@ def test_resume_without_a_checkpoint_is_a_usage_error(tmp_path, capsys) -> None:
     assert "--resume needs --out naming a run folder" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes_train_as_one(tmp_path) -> None:
-    """DDP over 2 gloo processes with the same global batch and seed gives the one-process adapter
-    (no dropout anywhere: the ranks draw other random numbers than one process does)."""
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # accelerate's --cpu with several processes wants MPI and otherwise starts one process; its
+    # torchrun-style launcher (--multi_gpu) starts N, and on a machine without CUDA they join over gloo.
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_train_as_one(tmp_path, launcher) -> None:
+    """DDP over 2 gloo processes (torchrun or accelerate launch) with the same global batch and seed
+    gives the one-process adapter (no dropout anywhere: the ranks draw other random numbers than one
+    process does)."""
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate", reason="pip install accelerate")
     model = fx.save_text_encoder(tmp_path / "bert", dropout=0.0)
     data = fx.write_csv(tmp_path / "reviews.csv", fx.sentences(60))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -85,8 +98,7 @@ def test_torchrun_two_processes_train_as_one(tmp_path) -> None:
              "--val-size", "8", "--lr", "0.01", "--set", "dropout=0", "--quiet"]  # fmt: skip
     one = [sys.executable, "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "one")]
     subprocess.run([*one, "--results", str(tmp_path / "r1.jsonl")], check=True, env=env, capture_output=True)
-    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "two"),
+    two = [*LAUNCHERS[launcher], "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "two"),
            "--results", str(tmp_path / "r2.jsonl")]  # fmt: skip
     done = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
