@@ -89,6 +89,8 @@ def _ours(config: Any) -> bool:
 # -- workloads: a frozen base model and the loss of one fixed batch -------------------------------------
 @dataclass
 class Workload:
+    """Candidates train in training mode (dropout on), as a real step does."""
+
     base: nn.Module
     loss: Callable[[nn.Module], torch.Tensor]
     device: torch.device
@@ -115,7 +117,6 @@ def minilm(device: torch.device, scale: Scale) -> Workload:
     from structpeft.zoo.text import load_text_classifier
 
     base, tokenizer = load_text_classifier("minilm")
-    base.eval()  # dropout off: the same computation in every step of every candidate
     train, _ = load_rotten_tomatoes()
     rows = train[: scale.text_batch]
     batch = tokenizer([e.text for e in rows], padding=True, truncation=True, max_length=64, return_tensors="pt")
@@ -150,7 +151,7 @@ def mistral(device: torch.device, scale: Scale, batch: int = 4) -> Workload:
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    base = MistralForCausalLM(MistralConfig(**MISTRAL)).eval()
+    base = MistralForCausalLM(MistralConfig(**MISTRAL))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, MISTRAL["vocab_size"], (batch, scale.decoder_tokens), generator=g).to(device)
     return Workload(base, lambda model: model(input_ids=ids, labels=ids).loss, device, "model.embed_tokens")
