@@ -145,3 +145,57 @@ def test_saving_into_a_file_is_refused_before_writing(tmp_path) -> None:
     with pytest.raises(NotADirectoryError, match="is not a folder"):
         _filled_lora(2.0).save_pretrained(target)
     assert target.read_text() == "not a folder"
+
+
+def _training_state(value: float):
+    """A LoRA model, its optimizer and schedule, and a run log, all saying ``value``."""
+    from structpeft.workflow.train import RunLog
+
+    model = sp.get_peft_model(MLP(), sp.LoraConfig(r=2, target_modules=["lin0", "lin1"]))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.fill_(value)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=value)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, schedule, RunLog(steps=int(value))
+
+
+def test_a_training_checkpoint_killed_at_random_moments_stays_whole(tmp_path) -> None:
+    """The workflow's training checkpoints (weights, optimizer, RNG, position, log: four files) under
+    SIGKILL at random moments of a save: each time the folder restores one save's state, whole."""
+    from structpeft.workflow.checkpointing import Position, load_checkpoint, save_checkpoint
+
+    states = [_training_state(2.0), _training_state(5.0)]
+
+    def save(model, optimizer, schedule, log) -> None:
+        position = Position(int(log.steps), int(log.steps), torch.Generator().get_state())
+        best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        save_checkpoint(tmp_path, model, optimizer, schedule, position, log, best)
+
+    save(*states[0])
+
+    def save_forever() -> None:
+        while True:
+            for state in states[::-1]:
+                save(*state)
+
+    rng, kills, seen, started = random.Random(0), 0, set(), time.monotonic()
+    while kills < 60 and time.monotonic() - started < 4.0:
+        pid = _in_child(save_forever)
+        time.sleep(rng.uniform(0.0, 0.08))
+        _kill(pid)
+        kills += 1
+        model, optimizer, schedule, log = _training_state(0.0)
+        position, best = load_checkpoint(tmp_path, model, optimizer, schedule, log)
+        value = float(log.steps)
+        seen.add(value)
+        assert position.epoch == position.batches_done == log.steps
+        assert optimizer.param_groups[0]["lr"] == value  # the optimizer of the same save
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert all(torch.all(p == value) for p in trained) and all(torch.all(t == value) for t in best.values())
+    assert kills >= 10 and seen == {2.0, 5.0}
+    save(*states[1])  # a save after the kills clears their leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.safetensors", "optimizer.pt", "state.json", "trainable.safetensors"
+    ]  # fmt: skip
