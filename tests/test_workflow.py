@@ -166,6 +166,24 @@ def test_convnet_preset_with_flora_on_its_convolutions(assets, tmp_path) -> None
     assert code == 0 and metrics["family"] == "convnet"
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert len(config["target_modules"]) == 52 and config["modules_to_save"] == ["classifier.1"]  # every conv
+    # its frozen batch norms kept their running statistics, so the saved adapter scores as the run did
+    from structpeft.workflow.run import evaluate_run
+
+    reloaded = evaluate_run(tmp_path / "run")
+    assert reloaded["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
+
+
+def test_frozen_batch_norms_keep_their_statistics_and_trainable_ones_update() -> None:
+    from torch import nn
+
+    from structpeft.workflow.train import train_mode
+
+    frozen, trained = nn.BatchNorm2d(3).requires_grad_(False), nn.BatchNorm2d(3)
+    model = nn.Sequential(frozen, trained, nn.Dropout(0.5))
+    train_mode(model)
+    assert not frozen.training and trained.training and model[2].training
+    model(torch.randn(4, 3, 2, 2) + 5)
+    assert torch.all(frozen.running_mean == 0) and torch.all(trained.running_mean != 0)
 
 
 @pytest.mark.parametrize("decoder", ["gpt2", "llama"])

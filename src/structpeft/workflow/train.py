@@ -129,6 +129,19 @@ def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimiz
     )
 
 
+def train_mode(model: nn.Module) -> None:
+    """Training mode, except for batch norms whose parameters are frozen: they keep normalising with
+    their running statistics and stop updating them. Those statistics are buffers of the base model,
+    not part of the saved adapter; updated here, the run's own scores would differ from those of its
+    adapter loaded onto the base model (measured: MobileNetV2 + LoRA, 81.6% in the run, 56.0% reloaded)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters(recurse=False)
+        ):
+            module.eval()
+
+
 def _worker_seeds() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
@@ -204,7 +217,7 @@ def fit(
 
     try:
         for epoch in range(position.epoch, settings.epochs):
-            model.train()
+            train_mode(model)
             if restored and epoch == position.epoch:  # the same shuffle as the interrupted epoch's
                 generator.set_state(position.epoch_generator_state)
             resuming = restored and epoch == position.epoch and position.batches_done > 0
