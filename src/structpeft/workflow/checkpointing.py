@@ -34,8 +34,32 @@ class Position:
     epoch_loss: float = 0.0  # sum of the epoch's batch losses so far
 
 
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: the trainable parameters, and the buffers of the modules that own some
+    (a trained batch norm's running statistics, which move with its weights)."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            for name, buffer in module.named_buffers(recurse=False):
+                tensors[f"{prefix}.{name}" if prefix else name] = buffer
+    return tensors
+
+
+def load_trained(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Copy tensors saved from :func:`trained_tensors` back into ``model``."""
+    targets = trained_tensors(model)
+    unknown = set(tensors) - set(targets)
+    if unknown:
+        raise ValueError(
+            f"{source} was written by another run: it has {sorted(unknown)[:3]}, which this one does not train"
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            targets[name].copy_(value)
+
+
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t.detach().cpu().contiguous() for n, t in trained_tensors(model).items()}
 
 
 def save_checkpoint(
@@ -79,16 +103,7 @@ def load_checkpoint(
 ) -> tuple[Position, dict[str, torch.Tensor] | None]:
     """Restore the state saved by :func:`save_checkpoint` into the objects of a fresh run."""
     recover(folder)
-    weights = load_file(str(folder / _WEIGHTS))
-    params = dict(model.named_parameters())
-    unknown = set(weights) - {n for n, p in params.items() if p.requires_grad}
-    if unknown:
-        raise ValueError(
-            f"{folder} was written by another run: it has {sorted(unknown)[:3]}, which this one does not train"
-        )
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_trained(model, load_file(str(folder / _WEIGHTS)), folder)
     states = torch.load(folder / _OPTIMIZER, weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     schedule.load_state_dict(states["schedule"])

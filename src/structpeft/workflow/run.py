@@ -156,7 +156,10 @@ def save_trained(model: nn.Module, out: Path) -> None:
         return
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    from structpeft.workflow.checkpointing import trained_tensors
+
+    # with the running statistics of the batch norms it trained (full fine-tuning of a convnet)
+    tensors = {n: t.detach().cpu().contiguous() for n, t in trained_tensors(model).items()}
     tmp = out / f".{BASELINE_WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(out / BASELINE_WEIGHTS)
@@ -249,7 +252,8 @@ def restore(run_dir: Path, spec: RunSpec, task: Task, loaded: LoadedModel) -> nn
     if (run_dir / BASELINE_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
-        missing = set(load_file(str(run_dir / BASELINE_WEIGHTS))) - {n for n, _ in loaded.model.named_parameters()}
+        known = {n for n, _ in loaded.model.named_parameters()} | {n for n, _ in loaded.model.named_buffers()}
+        missing = set(load_file(str(run_dir / BASELINE_WEIGHTS))) - known
         if missing:
             raise UsageError(f"{run_dir}: weights {sorted(missing)[:3]} do not fit {loaded.ref}")
         loaded.model.load_state_dict(load_file(str(run_dir / BASELINE_WEIGHTS)), strict=False)

@@ -21,7 +21,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from structpeft.workflow.checkpointing import Position, has_checkpoint, load_checkpoint, save_checkpoint
+from structpeft.workflow.checkpointing import (
+    Position,
+    has_checkpoint,
+    load_checkpoint,
+    load_trained,
+    save_checkpoint,
+    trained_tensors,
+)
 from structpeft.workflow.distributed import ONE_PROCESS, GlobalBatches, Processes, global_count
 from structpeft.workflow.models import LoadedModel
 from structpeft.workflow.tasks import IGNORE_INDEX, Task, collate_causal_lm, collate_images
@@ -271,7 +278,7 @@ def fit(
                 )
             if log.best_epoch is None or _better(val, log.best_val):
                 log.best_epoch, log.best_val = epoch + 1, val
-                best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                best_state = {n: t.detach().clone() for n, t in trained_tensors(model).items()}
                 if on_best is not None and processes.is_main:
                     on_best(epoch + 1)
             save(epoch + 1, 0, generator.get_state(), 0.0)
@@ -279,10 +286,7 @@ def fit(
         bar.close()
         log.train_seconds = time.perf_counter() - start
     if best_state is not None and log.best_epoch != len(log.history):
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in best_state.items():
-                params[name].copy_(value)
+        load_trained(model, best_state, "the best epoch's state")
     return log
 
 
