@@ -84,8 +84,11 @@ LAUNCHERS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
-def test_two_processes_train_as_one(tmp_path, launcher) -> None:
+@pytest.mark.parametrize(
+    ("launcher", "method"),
+    [("torchrun", "coeff+lora"), ("accelerate", "coeff+lora"), ("torchrun", "kernel-mix+surm")],
+)
+def test_two_processes_train_as_one(tmp_path, launcher, method) -> None:
     """DDP over 2 gloo processes (torchrun or accelerate launch) with the same global batch and seed
     gives the one-process adapter (no dropout anywhere: the ranks draw other random numbers than one
     process does)."""
@@ -94,7 +97,7 @@ def test_two_processes_train_as_one(tmp_path, launcher) -> None:
     model = fx.save_text_encoder(tmp_path / "bert", dropout=0.0)
     data = fx.write_csv(tmp_path / "reviews.csv", fx.sentences(60))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flags = ["--model", str(model), "--task", str(data), "--method", "coeff+lora", "--batch-size", "7",
+    flags = ["--model", str(model), "--task", str(data), "--method", method, "--batch-size", "7",
              "--val-size", "8", "--lr", "0.01", "--set", "dropout=0", "--quiet"]  # fmt: skip
     one = [sys.executable, "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "one")]
     subprocess.run([*one, "--results", str(tmp_path / "r1.jsonl")], check=True, env=env, capture_output=True)
