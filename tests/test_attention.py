@@ -294,7 +294,7 @@ def test_coeff_on_multihead_attention_matches_reference() -> None:
 
 # -- Kernel-mix ------------------------------------------------------------------------------
 def reference_kernel_mix(block, anatomy, deltas, x_attn, x_out):
-    """Q, V and O of one block from METHODS.md's per-head formulas, head by head.
+    """Q, V and O of one block from the Kernel-mix paper's per-head formulas (docs/methods/kernel-mix.md), head by head.
 
     ``x_attn`` is the block input, ``x_out`` the input of the output projection (head outputs).
     """

@@ -100,7 +100,8 @@ def test_anatomy_finds_every_block_with_its_row_layout(name: str) -> None:
 # -- the maths ------------------------------------------------------------------------------
 def naive_reference(name: str, model: sp.PeftModel) -> nn.Module:
     """The base model with W_q, W_v, W_o (and biases) changed head by head by the adapter's
-    factors, as METHODS.md writes Kernel-mix, in loops over heads and the known row layouts."""
+    factors, as the paper writes Kernel-mix (docs/methods/kernel-mix.md), in loops over heads and
+    the known row layouts."""
     reference = build(name)
     q_rows, k_rows, v_rows = expected_rows(name)
     for path in blocks(model):

@@ -33,7 +33,7 @@ _TORCH_CONV_FORWARDS = {cls.forward for cls in _CONV_CLASS.values()}
 class LayerGeometry:
     """The shape facts of a supported layer that methods build deltas from.
 
-    ``weight_shape`` is always in the (d_out, d_in/groups, *kernel) convention used by METHODS.md;
+    ``weight_shape`` is always in the (d_out, d_in/groups, *kernel) convention (PyTorch's conv layout);
     ``transposed`` says the layer stores its weight as the transpose (HF Conv1D, nn.Embedding).
     """
 
