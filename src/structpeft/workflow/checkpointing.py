@@ -34,12 +34,16 @@ class Position:
     epoch_loss: float = 0.0  # sum of the epoch's batch losses so far
 
 
+def trains_own_parameters(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: the trainable parameters, and the buffers of the modules that own some
     (a trained batch norm's running statistics, which move with its weights)."""
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for prefix, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
+        if trains_own_parameters(module):
             for name, buffer in module.named_buffers(recurse=False):
                 tensors[f"{prefix}.{name}" if prefix else name] = buffer
     return tensors

@@ -69,28 +69,24 @@ _HF_LINEAR = {
     "hf-loha": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
     "hf-c3a": {"block_size": "gcd", "lr": 1e-2, **_LINEAR_WEIGHTS},
 }
+_TEXT_ENCODER: dict[str, dict[str, Any]] = {
+    "lora": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
+    "flora": {"r": 8, "alpha": 16, "lr": 5e-3, **_LINEAR_WEIGHTS},
+    "surm": {"alpha": 1.0, "lr": 2e-2, **_LINEAR_WEIGHTS},
+    "coeff": {"lr": 2e-2},
+    "kernel-mix": {"lr": 1e-3},
+    "probe": {"lr": 2e-2},
+    "full": {"lr": 5e-5},
+    **_HF_LINEAR,
+}
 DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "text-encoder": {
-        "lora": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
-        "flora": {"r": 8, "alpha": 16, "lr": 5e-3, **_LINEAR_WEIGHTS},
-        "surm": {"alpha": 1.0, "lr": 2e-2, **_LINEAR_WEIGHTS},
-        "coeff": {"lr": 2e-2},
-        "kernel-mix": {"lr": 1e-3},
-        "probe": {"lr": 2e-2},
-        "full": {"lr": 5e-5},
-        **_HF_LINEAR,
-    },
+    "text-encoder": _TEXT_ENCODER,
     "vit": {
-        "lora": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
-        "flora": {"r": 8, "alpha": 16, "lr": 5e-3, **_LINEAR_WEIGHTS},
-        "surm": {"alpha": 1.0, "lr": 2e-2, **_LINEAR_WEIGHTS},
+        **_TEXT_ENCODER,
         # chosen on validation from 2e-2 x {1/3, 1, 3} (DINOv2-S, 2,000 Fashion-MNIST images, 1 epoch):
         # 6e-2 diverged; 2e-2 and 6.7e-3 tied on accuracy, 6.7e-3 had the lower loss
         "coeff": {"lr": 6.7e-3},
-        "kernel-mix": {"lr": 1e-3},
         "probe": {"lr": 1e-2},
-        "full": {"lr": 5e-5},
-        **_HF_LINEAR,
     },
     "convnet": {
         "lora": {"r": 8, "alpha": 16, "lr": 1e-3, "target_modules": "conv"},

@@ -252,11 +252,12 @@ def restore(run_dir: Path, spec: RunSpec, task: Task, loaded: LoadedModel) -> nn
     if (run_dir / BASELINE_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
+        tensors = load_file(str(run_dir / BASELINE_WEIGHTS))
         known = {n for n, _ in loaded.model.named_parameters()} | {n for n, _ in loaded.model.named_buffers()}
-        missing = set(load_file(str(run_dir / BASELINE_WEIGHTS))) - known
+        missing = set(tensors) - known
         if missing:
             raise UsageError(f"{run_dir}: weights {sorted(missing)[:3]} do not fit {loaded.ref}")
-        loaded.model.load_state_dict(load_file(str(run_dir / BASELINE_WEIGHTS)), strict=False)
+        loaded.model.load_state_dict(tensors, strict=False)
         return loaded.model
     try:
         return sp.PeftModel.from_pretrained(loaded.model, run_dir)

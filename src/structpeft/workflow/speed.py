@@ -33,7 +33,7 @@ from torch import nn
 import structpeft as sp
 from structpeft import structured
 from structpeft.workflow import results
-from structpeft.workflow.timing import Candidate, compare, time_interleaved
+from structpeft.workflow.timing import Candidate, compare, time_interleaved, trainable_count
 
 SPEED_JSON, SPEED_MD = "speed.json", "speed.md"
 TEXT_TARGETS = ["query", "key", "value", "dense"]
@@ -182,19 +182,15 @@ def text_section(device: torch.device, scale: Scale) -> Iterator[Section]:
     )  # fmt: skip
 
 
-def _trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def _conv_pair(base: nn.Module, targets: list[str], lora_r: int, loss, device: torch.device) -> list[Candidate]:
     """HF PEFT LoRA-conv at rank ``lora_r`` and the largest FLoRA whose parameter count does not exceed it."""
     import peft
 
     hf = _wrap(base, peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets), device)
-    budget, best = _trainable(hf), None
+    budget, best = trainable_count(hf), None
     for r in range(1, 129):
         config = sp.FloraConfig(r=r, alpha=2 * r, target_modules=targets)
-        if _trainable(sp.get_peft_model(copy.deepcopy(base), config)) > budget:
+        if trainable_count(sp.get_peft_model(copy.deepcopy(base), config)) > budget:
             break
         best = (r, config)
     if best is None:

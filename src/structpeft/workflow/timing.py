@@ -21,6 +21,25 @@ from torch import nn
 Loss = Callable[[nn.Module], torch.Tensor]
 
 
+def timed(work: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``work`` takes: CUDA events on a GPU (kernels run asynchronously), else the wall clock."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    start_s = time.perf_counter()
+    work()
+    return time.perf_counter() - start_s
+
+
+def trainable_count(model: nn.Module) -> int:
+    """Trainable parameters, each counted once (a compiled module shares those of the one it wraps)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+
+
 @dataclass
 class Candidate:
     """A model (already on its device) and the loss of one training step on a fixed batch."""
@@ -41,8 +60,7 @@ class Candidate:
 
     @property
     def trainable(self) -> int:
-        # a compiled module shares its parameters with the module it wraps: count those once
-        return sum(p.numel() for p in {id(p): p for p in self.model.parameters() if p.requires_grad}.values())
+        return trainable_count(self.model)
 
     def _step(self) -> None:
         self.loss(self.model).backward()
@@ -51,16 +69,7 @@ class Candidate:
 
     def step(self) -> float:
         """Seconds of one forward, backward and AdamW step."""
-        if self.device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            self._step()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000
-        start_s = time.perf_counter()
-        self._step()
-        return time.perf_counter() - start_s
+        return timed(self._step, self.device)
 
 
 def saved_activation_bytes(candidate: Candidate) -> int:
@@ -110,17 +119,7 @@ def time_interleaved(
     items = list(functions.items())
     for r in range(warmup + rounds):
         for name, fn in items if r % 2 == 0 else items[::-1]:
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                seconds = start.elapsed_time(end) / 1000
-            else:
-                start_s = time.perf_counter()
-                fn()
-                seconds = time.perf_counter() - start_s
+            seconds = timed(fn, device)
             if r >= warmup:
                 times[name].append(seconds)
     return {name: statistics.median(t) for name, t in times.items()}
