@@ -72,11 +72,14 @@ QUICK = Scale(
 )  # fmt: skip
 
 
-def _wrap(base: nn.Module, config: Any, device: torch.device) -> nn.Module:
-    """A fresh adapted copy of ``base``: structpeft for our configs, HF PEFT for theirs."""
+def _wrap(base: nn.Module, config: Any, device: torch.device, attention: str | None = None) -> nn.Module:
+    """A fresh adapted copy of ``base`` (with that attention implementation): structpeft for our
+    configs, HF PEFT for theirs."""
     import peft
 
     model = copy.deepcopy(base)
+    if attention is not None:
+        model.config._attn_implementation = attention
     adapted = sp.get_peft_model(model, config) if _ours(config) else peft.get_peft_model(model, config)
     return adapted.to(device).train()
 
@@ -97,11 +100,7 @@ class Workload:
     bottom: str = ""  # a parameter name prefix at the bottom of the model: the frozen base trains only that
 
     def adapted(self, name: str, config: Any, attention: str | None = None) -> Candidate:
-        base = self.base
-        if attention is not None:
-            base = copy.deepcopy(base)
-            base.config._attn_implementation = attention
-        return Candidate(name, _wrap(base, config, self.device), self.loss)
+        return Candidate(name, _wrap(self.base, config, self.device, attention), self.loss)
 
     def frozen(self, name: str, attention: str = "eager") -> Candidate:
         """The base model's own cost: only the bottom trains, so backward runs through all of it."""
