@@ -134,7 +134,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _speed_run(args: argparse.Namespace, argv: list[str]) -> Callable[[], object]:
     """The speed suite's flags checked now, before any suite runs; the returned call measures."""
-    from structpeft.workflow import run, speed, train
+    from structpeft.workflow import run, speed
 
     names = [n.strip() for n in args.sections.split(",")] if args.sections else [*speed.SECTIONS, "products"]
     unknown = [n for n in names if n not in speed.SECTIONS and n != "products"]
@@ -146,10 +146,7 @@ def _speed_run(args: argparse.Namespace, argv: list[str]) -> Callable[[], object
         if args.rounds < 1:
             raise run.UsageError(f"--rounds must be a positive integer, got {args.rounds}")
         scale = dataclasses.replace(scale, rounds=args.rounds)
-    try:
-        device = train.resolve_device(args.device)
-    except ValueError as e:
-        raise run.UsageError(str(e)) from None
+    device = run.checked_device(args.device)
     sections = [n for n in names if n != "products"]
     return lambda: speed.run_speed(Path(args.out) / "speed", device, scale, sections, "products" in names,
                                    " ".join(["structpeft", *argv]))  # fmt: skip

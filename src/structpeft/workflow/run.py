@@ -105,10 +105,7 @@ def check_spec(spec: RunSpec) -> None:
         raise UsageError(f"--val-size must be a fraction in (0, 1) or a whole number of examples, got {spec.val_size}")
     if spec.task_type is not None and spec.task_type not in TASK_TYPES:
         raise UsageError(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {spec.task_type!r}")
-    try:
-        resolve_device(spec.device)
-    except (RuntimeError, ValueError) as e:
-        raise UsageError(str(e).replace("Expected one of", "--device: expected one of")) from e
+    checked_device(spec.device)
     if spec.bf16 and spec.device == "cpu" and not torch.cpu._is_avx512_bf16_supported():
         print("note: --bf16 on a CPU without native bf16 runs in emulation (slower than fp32)", file=sys.stderr)
     if spec.out is not None and Path(spec.out).exists() and not Path(spec.out).is_dir():
@@ -147,6 +144,14 @@ def _versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "structpeft": sp.__version__}  # fmt: skip
+
+
+def checked_device(name: str) -> torch.device:
+    """The device ``--device`` names, or a usage error that says why it cannot be used."""
+    try:
+        return resolve_device(name)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(str(e).replace("Expected one of", "--device: expected one of")) from e
 
 
 def save_trained(model: nn.Module, out: Path) -> None:
