@@ -60,7 +60,10 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (longer ones are cut)")
     p.add_argument("--image-size", type=int, default=None, help="pixels per side (default: the model's)")
-    p.add_argument("--val-size", type=float, default=0.1, help="validation carved from train: a fraction or a count")
+    p.add_argument(
+        "--val-size", type=float, default=0.1,
+        help="validation carved from the whole train split (before --train-size): a fraction of it or a count",
+    )  # fmt: skip
     p.add_argument("--train-size", type=int, default=None, help="train on a seeded random N of the train split")
     p.add_argument("--test-size", type=int, default=None, help="score a fixed random N of the test split")
     p.add_argument("--seed", type=int, default=0)
