@@ -3,7 +3,10 @@
 The model's eager attention function (from its modeling file) keeps everything the model does to
 its scores (soft-capping, sinks, position bias, sliding-window masks); the reference only takes
 the maps its output is made of and mixes them head by head in loops, ``O_h = Σ_k C[h, k] A_k V_{g(h)}`` with
-``C = I + α``. Used by the tests and by benchmarks/coeff_coverage.py.
+``C = I + α``. A module that computes attention in its own code (no eager function to expose) runs
+its own forward with each softmax output shaped as its heads' maps replaced by the loop mix (a weaker
+reference: it finds the maps where the hook does, so it checks the mixing, not where the maps are).
+Used by the tests and by benchmarks/coeff_coverage.py.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ import importlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from structpeft.attention.anatomy import routes_through_interface
 
 
 def mix_maps_per_head(maps: torch.Tensor, value: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -56,12 +63,68 @@ def _maps_mixed(own_eager):
     return forward
 
 
+def _loop_mixed(maps: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``Â_h = Σ_k C[h, k] A_k``, one head at a time; maps (B, H, N, M)."""
+    mixing = torch.eye(maps.shape[1], dtype=alpha.dtype) + alpha
+    return torch.stack([sum(mixing[h, k] * maps[:, k] for k in range(maps.shape[1])) for h in range(maps.shape[1])], 1)
+
+
+class _OwnCodeReference(TorchFunctionMode):
+    """For a module that computes attention in its own code: its softmax outputs shaped as its heads'
+    maps, (B, H, N, M) or (B·H, N, M), are replaced by their per-head loop mixes; a direct
+    ``scaled_dot_product_attention`` call is written out (scores, mask, softmax, mixed maps times values)."""
+
+    def __init__(self, alpha: torch.Tensor) -> None:
+        super().__init__()
+        self.alpha, self.heads = alpha, alpha.shape[0]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._written_out(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in (F.softmax, torch.softmax, torch.Tensor.softmax):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if dim in (-1, out.dim() - 1) and out.dim() == 4 and out.shape[1] == self.heads:
+                return _loop_mixed(out, self.alpha)
+            if dim in (-1, out.dim() - 1) and out.dim() == 3 and out.shape[0] % self.heads == 0:
+                return _loop_mixed(out.view(-1, self.heads, *out.shape[1:]), self.alpha).view(out.shape)
+        return out
+
+    def _written_out(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+        n, m = query.shape[2], key.shape[2]
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+        if is_causal:
+            attn_mask = torch.ones(n, m, dtype=torch.bool).tril()
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        maps = scores.softmax(-1)
+        return torch.stack([_loop_mixed(maps, self.alpha)[:, h] @ value[:, h] for h in range(maps.shape[1])], 1)
+
+
+def _own_code_reference(module: nn.Module, alpha: torch.Tensor) -> list:
+    """Hooks that run ``module``'s forward under :class:`_OwnCodeReference`; returns their handles."""
+    mode = _OwnCodeReference(alpha)
+
+    def enter(*_) -> None:  # a pre-hook's return value would replace the module's arguments
+        mode.__enter__()
+
+    def leave(*_) -> None:
+        mode.__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
+
 @contextlib.contextmanager
 def mixing_reference(reference: nn.Module, alphas: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
     """Within the block, ``reference`` (an eager model) mixes the maps of module ``path`` by a copy of
     ``alphas[path]`` (the copies, leaves with gradients, are yielded). ``nn.MultiheadAttention``
     modules are left alone: they have no eager function to expose."""
-    copies, patched = {}, {}
+    copies, patched, handles = {}, {}, []
     try:
         for path, alpha in alphas.items():
             module = reference.get_submodule(path)
@@ -69,9 +132,10 @@ def mixing_reference(reference: nn.Module, alphas: dict[str, torch.Tensor]) -> I
                 continue
             modeling = importlib.import_module(type(module).__module__)
             own = getattr(modeling, "eager_attention_forward", None)
-            if own is None:
-                raise LookupError(f"{modeling.__name__} has no eager_attention_forward to take maps from")
             copies[path] = module.reference_alpha = alpha.detach().clone().requires_grad_(True)
+            if own is None or not routes_through_interface(module):  # attention in its own code
+                handles += _own_code_reference(module, copies[path])
+                continue
             if not getattr(own, "mixes_maps", False):
                 patched[modeling] = own
                 modeling.eager_attention_forward = _maps_mixed(own)
@@ -79,5 +143,7 @@ def mixing_reference(reference: nn.Module, alphas: dict[str, torch.Tensor]) -> I
     finally:
         for modeling, own in patched.items():
             modeling.eager_attention_forward = own
+        for handle in handles:
+            handle.remove()
         for path in copies:
             del reference.get_submodule(path).reference_alpha

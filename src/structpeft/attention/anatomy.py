@@ -30,14 +30,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from structpeft.attention.maps import SOFTMAXES, as_head_maps, softmax_dim
 from structpeft.core.layers import HFConv1D, layer_geometry, module_host
 from structpeft.core.targets import get_submodule, named_modules, unwrapped, within
 
@@ -458,6 +462,110 @@ def attention_anatomy(block: nn.Module, name: str = "") -> AttentionAnatomy:
             return _read_by_shapes(layers, heads)
         except _ProbeFailed as shape_error:
             raise _unreadable(name, block, layers, f"{probe_error}; by names and shapes: {shape_error}") from None
+
+
+# -- where a block's maps are formed -----------------------------------------------------------
+@functools.cache
+def calls_attention_interface(cls: type) -> bool:
+    """Whether ``cls.forward`` looks the attention function up in transformers' interface: the
+    compiled forward names ``ALL_ATTENTION_FUNCTIONS`` among the globals it reads."""
+    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def routes_through_interface(module: nn.Module) -> bool:
+    """A transformers attention module whose maps are formed by the AttentionInterface's function."""
+    return hasattr(getattr(module, "config", None), "_attn_implementation") and calls_attention_interface(type(module))
+
+
+class _HeadMapCounter(TorchFunctionMode):
+    """Counts the softmax outputs shaped as ``heads`` heads' maps and the direct calls of
+    scaled_dot_product_attention on ``heads`` heads, except while ``elsewhere`` (another module
+    declaring heads of its own runs: the maps are its)."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads, self.count, self.elsewhere = heads, 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.elsewhere:
+            return out
+        if func in SOFTMAXES and isinstance(out, torch.Tensor):
+            self.count += as_head_maps(out, softmax_dim(args, kwargs), self.heads) is not None
+        elif func is F.scaled_dot_product_attention:  # its maps inside the kernel, queries (B, H, N, d)
+            query = args[0] if args else kwargs["query"]
+            self.count += query.dim() == 4 and query.shape[1] == self.heads
+        return out
+
+
+def _own_code_arguments(block: nn.Module, hidden: torch.Tensor) -> tuple[list, dict]:
+    """The probe's arguments, plus what attention written by hand computes with that a probe can make
+    up without knowing the model: positions 0..N-1, and a required mask that hides nothing."""
+    args, kwargs = _probe_arguments(block, hidden)
+    parameters = inspect.signature(block.forward).parameters
+    tokens = hidden.shape[1]
+    if "position_ids" in parameters and kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = torch.arange(tokens, device=hidden.device)[None]
+    if "attention_mask" in kwargs and kwargs["attention_mask"] is None:  # required: additive, all zeros
+        kwargs["attention_mask"] = hidden.new_zeros(1, 1, tokens, tokens)
+    return args, kwargs
+
+
+def forms_own_maps(block: nn.Module) -> bool | None:
+    """Whether ``block`` computes its attention maps in its own code (not through transformers'
+    AttentionInterface): it declares H heads itself, and run once on made-up hidden states as the probe
+    above runs blocks, its forward takes a softmax over the keys shaped as H heads' maps (or calls
+    scaled_dot_product_attention on H heads), outside any child that declares heads of its own.
+    None: it declares heads but its forward did not run on made-up arguments (it needs position ids,
+    an ALiBi bias, a mask of its own making), so the probe cannot tell."""
+    block = unwrapped(block)
+    heads = _int_attribute(block, _HEAD_ATTRIBUTES)
+    layers = _candidates(block)
+    if heads is None or not layers or routes_through_interface(block):
+        return False
+    if any(p.is_meta for p in block.parameters()):
+        projections = sum(p.numel() for _, m in layers for p in m.parameters())
+        if sum(p.numel() for p in block.parameters()) > 2 * projections:
+            return False  # too much to materialise to find out
+        block = _materialised(block)
+        layers = _candidates(block)
+    counter = _HeadMapCounter(heads)
+
+    def enter(*_):
+        counter.elsewhere += 1
+
+    def leave(*_):
+        counter.elsewhere -= 1
+
+    # maps formed in a child that declares heads, or by the interface for a child, are the child's
+    others = [
+        m
+        for path, m in named_modules(block)
+        if path and (_int_attribute(m, _HEAD_ATTRIBUTES) or routes_through_interface(m))
+    ]
+    handles = [h for m in others for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    parameter = next(iter(block.parameters()))
+    dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for width in sorted({_geometry(m)[0] for _, m in layers}):
+            hidden = 0.1 * torch.randn(1, _PROBE_TOKENS, width, generator=generator)
+            hidden = hidden.to(dtype=dtype, device=parameter.device)
+            try:
+                args, kwargs = _own_code_arguments(block, hidden)
+                with _probing_mode(block), torch.no_grad(), counter:
+                    block(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - a width it does not take, or arguments it cannot run on
+                counter.elsewhere = 0
+                continue
+            return counter.count > 0
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def attention_blocks(model: nn.Module, exclude: set[str] = frozenset()) -> list[str]:

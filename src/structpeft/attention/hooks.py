@@ -17,6 +17,11 @@ adapters disabled) the module runs exactly the attention it ran before, without 
   silently dropping the mixing. Unhooked modules and other models never run structpeft code: the
   mapping is process-wide, so the mixed path checks that the module calling it is the one it was
   put there for, and hands any other the function it stands in for.
+- Modules that compute attention in their own code (BLOOM, GPT-J, CodeGen, MPT, a user's own
+  module): found by running them once (:func:`~structpeft.attention.anatomy.forms_own_maps`); for
+  the length of their forward a torch function mode mixes each softmax shaped as their heads'
+  maps, and runs a direct ``F.scaled_dot_product_attention`` call (Falcon) as mixed attention. A
+  forward that forms no maps raises, as above.
 - ``torch.nn.MultiheadAttention``: its forward is replaced on the instance.
 
 All bookkeeping lives on the hooked module: its hooks and its adapter host.
@@ -31,8 +36,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from structpeft.attention.maps import mixed_head_attention
+from structpeft.attention.anatomy import forms_own_maps, routes_through_interface
+from structpeft.attention.maps import SOFTMAXES, as_head_maps, mix_head_maps, mixed_head_attention, softmax_dim
 from structpeft.core.layers import module_host
 
 MIXABLE_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -83,20 +90,13 @@ def head_mixing(mixers: list[HeadMixer], heads: int, module: nn.Module) -> torch
 
 
 # -- which modules can be hooked ------------------------------------------------------------
-@functools.cache
-def _calls_attention_interface(cls: type) -> bool:
-    """Whether ``cls.forward`` looks the attention function up in transformers' interface: the
-    compiled forward names ``ALL_ATTENTION_FUNCTIONS`` among the globals it reads."""
-    forward = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
-    code = getattr(forward, "__code__", None)
-    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
-
-
 def is_attention_module(module: nn.Module) -> bool:
-    """True for modules whose head maps a :class:`HeadMixer` can reach."""
-    if isinstance(module, nn.MultiheadAttention):
+    """True for modules whose head maps a :class:`HeadMixer` can reach: ``nn.MultiheadAttention``,
+    transformers modules that call the AttentionInterface, and modules that take their maps' softmax
+    in their own code (found by running them once: :func:`~structpeft.attention.anatomy.forms_own_maps`)."""
+    if isinstance(module, nn.MultiheadAttention) or routes_through_interface(module):
         return True
-    return hasattr(getattr(module, "config", None), "_attn_implementation") and _calls_attention_interface(type(module))
+    return forms_own_maps(module) is True
 
 
 def num_heads(module: nn.Module) -> int:
@@ -215,13 +215,78 @@ class _Route:
         else:
             self.interface._local_mapping[self.replaced] = self.saved
 
+    def missed(self) -> str:
+        return (
+            f"{type(self.owner).__name__} did not look its {self.replaced!r} attention up in transformers' "
+            "AttentionInterface, so head mixing could not act; run the model with attn_implementation='sdpa'"
+        )
+
 
 def _eager_fallback(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *, replaced, **kwargs):
     return _mixed_attention(module, query, key, value, attention_mask, scaling, dropout, replaced, kwargs)
 
 
 def _implementation(config: Any) -> str:
-    return config._attn_implementation or "eager"  # None: transformers runs the module's default, eager
+    """The attention implementation a module runs; one without a transformers config runs its own code."""
+    return getattr(config, "_attn_implementation", None) or "eager"  # None: transformers runs eager
+
+
+# -- attention in a module's own code -------------------------------------------------------
+class _OwnCodeMixing(TorchFunctionMode):
+    """For one forward of ``owner``, a module that computes attention in its own code: every softmax
+    it takes shaped as its heads' maps (B, H, N, M) comes out mixed, ``Â = C · A``, and a call to
+    ``F.scaled_dot_product_attention`` runs as mixed-map attention. Whatever the module does to its
+    scores before the softmax (ALiBi, relative positions, masks) is in the maps; what it does after
+    (dropout, a head mask, the product with its values) acts on the mixed maps."""
+
+    def __init__(self, owner: nn.Module, mixers: list[HeadMixer]) -> None:
+        super().__init__()
+        self.owner, self.mixers, self.heads, self.ran = owner, mixers, num_heads(owner), False
+        self._mixing: torch.Tensor | None = None
+        self.__enter__()
+
+    def mixing(self) -> torch.Tensor:
+        if self._mixing is None:  # once per forward: one α-dropout mask for all its maps
+            self._mixing = head_mixing(self.mixers, self.heads, self.owner)
+        return self._mixing
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return self._attention(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in SOFTMAXES and isinstance(out, torch.Tensor):
+            maps = as_head_maps(out, softmax_dim(args, kwargs), self.heads)
+            if maps is not None:
+                self.ran = True
+                return mix_head_maps(maps, self.mixing()).view(out.shape)
+        return out
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.dim() != 4 or query.shape[1] != self.heads:
+            raise NotImplementedError(
+                f"{type(self.owner).__name__} calls scaled_dot_product_attention on queries of shape "
+                f"{tuple(query.shape)}, not (batch, {self.heads} heads, tokens, head dim): head mixing cannot "
+                "read its heads. Leave this module out of target_modules."
+            )
+        if is_causal:  # SDPA's implicit causal mask is aligned top-left
+            attn_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+        scale = query.shape[-1] ** -0.5 if scale is None else scale
+        self.ran = True
+        training = dropout_p > 0  # SDPA drops whenever dropout_p > 0
+        chunks = self.mixers[0].chunk_size
+        out, _ = mixed_head_attention(query, key, value, attn_mask, self.mixing(), scale, dropout_p, training, chunks)
+        return out
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
+
+    def missed(self) -> str:
+        return (
+            f"{type(self.owner).__name__} took no softmax shaped as its {self.heads} heads' attention maps in this "
+            "forward (it may have run a fused kernel), so head mixing could not act; run the model with "
+            "attn_implementation='eager'"
+        )
 
 
 def _refuse_unmixable(module: nn.Module, current: str, name: str = "") -> None:
@@ -245,9 +310,13 @@ def _route_through_mixing(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook: while a mixer is active, this module's attention lookup finds the mixed path."""
     if not active_mixers(module) or _ROUTED in module.__dict__:  # none, or re-entered
         return
-    current = _implementation(module.config)
+    current = _implementation(getattr(module, "config", None))
     _refuse_unmixable(module, current)
-    module.__dict__[_ROUTED] = _Route(module, _interface_of(module), current)
+    module.__dict__[_ROUTED] = (
+        _Route(module, _interface_of(module), current)
+        if routes_through_interface(module)
+        else _OwnCodeMixing(module, active_mixers(module))
+    )
 
 
 def _end_route(module: nn.Module, args: tuple, output: Any) -> None:
@@ -257,23 +326,24 @@ def _end_route(module: nn.Module, args: tuple, output: Any) -> None:
         return
     route.close()
     if not route.ran:
-        raise RuntimeError(
-            f"{type(module).__name__} did not look its {route.replaced!r} attention up in transformers' "
-            "AttentionInterface, so head mixing could not act; run the model with attn_implementation='sdpa'"
-        )
+        raise RuntimeError(route.missed())
 
 
 def check_hookable(module: nn.Module, name: str = "") -> None:
     """Raise, naming the module and the fix, unless :func:`install` can hook ``module``."""
     if isinstance(module, nn.MultiheadAttention):
         return
-    if not is_attention_module(module):
+    # A module named by the user whose forward the probe cannot run (None) is taken: its first forward
+    # raises if it forms no maps.
+    if not routes_through_interface(module) and forms_own_maps(module) is False:
         raise TypeError(
             f"module {name or '?'!r} is a {type(module).__name__}, which head mixing cannot hook: it needs a "
-            "transformers attention module (one that calls the AttentionInterface) or torch.nn.MultiheadAttention. "
-            "Target the attention modules, or leave target_modules=None to take all of them."
+            "transformers attention module (one that calls the AttentionInterface), torch.nn.MultiheadAttention, "
+            "or a module that declares its heads (num_heads, num_attention_heads, n_head or n_heads) and takes "
+            "its maps' softmax in its own forward. Target the attention modules, or leave target_modules=None to "
+            "take all of them."
         )
-    _refuse_unmixable(module, _implementation(module.config), name)
+    _refuse_unmixable(module, _implementation(getattr(module, "config", None)), name)
 
 
 def _our_hooks(hooks: dict) -> list[int]:

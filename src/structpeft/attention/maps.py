@@ -25,6 +25,37 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+def mix_head_maps(maps: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    """``Â_h = Σ_k C[h, k] A_k``: maps (B, H, N, M) mixed over the head axis by ``mixing`` (H, H)."""
+    batch, heads = maps.shape[:2]
+    # One batched matmul: an explicit bmm was 2.4x faster, forward + backward, than matmul's
+    # broadcasting of C (measured on DINOv2-S maps).
+    mixing = mixing.to(maps.dtype).expand(batch, heads, heads)
+    return mixing.bmm(maps.reshape(batch, heads, -1)).view(maps.shape)
+
+
+# The functions attention code takes its maps' softmax with (nn.Softmax calls the first).
+SOFTMAXES = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax})
+
+
+def softmax_dim(args: tuple, kwargs: dict) -> int | None:
+    """The ``dim`` of a call to one of :data:`SOFTMAXES` (``input, dim, ...`` in each)."""
+    return args[1] if len(args) > 1 else kwargs.get("dim")
+
+
+def as_head_maps(probabilities: torch.Tensor, dim: int | None, heads: int) -> torch.Tensor | None:
+    """A softmax output seen as attention maps (B, H, N, M), or None when it cannot be ``heads`` heads'
+    maps: it must be normalised over its last axis (the keys) and lay the heads out as (B, H, N, M)
+    or, in older modelling code, as (B·H, N, M) (batch-major, as ``view(B * H, N, M)`` makes it)."""
+    if not probabilities.is_floating_point() or dim is None or dim not in (-1, probabilities.dim() - 1):
+        return None
+    if probabilities.dim() == 4 and probabilities.shape[1] == heads:
+        return probabilities
+    if probabilities.dim() == 3 and probabilities.shape[0] % heads == 0:
+        return probabilities.view(-1, heads, *probabilities.shape[1:])
+    return None
+
+
 def _attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -62,10 +93,7 @@ def _attend(
         maps = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     else:
         maps = F.softmax(scores, dim=-1)  # (B, H, N, M)
-    # Â = C · A over the head axis, as one batched matmul: an explicit bmm was 2.4x faster,
-    # forward + backward, than matmul's broadcasting of C (measured on DINOv2-S maps).
-    mixing = mixing.to(maps.dtype).expand(batch, heads, heads)
-    mixed = mixing.bmm(maps.view(batch, heads, n * m)).view(batch, heads, n, m)  # (B, H, N, M)
+    mixed = mix_head_maps(maps, mixing)  # (B, H, N, M)
     if dropout_p > 0 and training:
         mixed = F.dropout(mixed, p=dropout_p)
     out = mixed.view(batch, kv_heads, group * n, m) @ value  # (B, Hkv, G·N, d)

@@ -15,8 +15,9 @@ class CoeffConfig(AdapterConfig):
     """Tune the filter subspace of attention: per attention layer an α (H x H) mixes the heads' maps,
     ``Â_h = Σ_k C[h, k] A_k`` with ``C = I + Dropout(α)``, α = 0 at start. Not mergeable.
 
-    target_modules: None takes every attention module (transformers attention modules, and
-        torch.nn.MultiheadAttention); otherwise names them as any config does.
+    target_modules: None takes every attention module (transformers attention modules,
+        torch.nn.MultiheadAttention, and modules that form their heads' maps in their own code);
+        otherwise names them as any config does.
     dropout: on α only (inverted, one mask per forward); 0.2 is the paper's best.
     chunk_size: None materialises all maps (fastest); an int runs queries in chunks of that many,
         recomputing each chunk in the backward so memory stays bounded on long sequences.
@@ -44,9 +45,11 @@ class CoeffConfig(AdapterConfig):
         if not names:
             raise ValueError(
                 f"Coeff-Tuning found no attention module in this {type(model).__name__}: it hooks transformers "
-                "attention modules that call the AttentionInterface (sdpa or eager), and torch.nn.MultiheadAttention; "
-                "a model computing attention in its own code has no maps Coeff-Tuning can reach. Use a method "
-                "that adapts the projections instead (LoRA, FLoRA, Kernel-mix)"
+                "attention modules that call the AttentionInterface (sdpa or eager), torch.nn.MultiheadAttention, "
+                "and modules that declare their heads (num_heads, num_attention_heads, n_head or n_heads) and form "
+                "their maps with a softmax or scaled_dot_product_attention in their own forward, found by running "
+                "each once on made-up hidden states. Name the attention modules in target_modules if their forward "
+                "needs other inputs, or use a method that adapts the projections (LoRA, FLoRA, Kernel-mix)"
             )
         return names
 
