@@ -209,3 +209,18 @@ def test_a_module_the_probe_cannot_run_is_taken_when_named() -> None:
         sp.get_peft_model(bloom(), sp.CoeffConfig())
     named = sp.CoeffConfig(init_weights=False, dropout=0.0, target_modules=["self_attention"])
     assert_causal_lm_mixes_like_the_reference(bloom, named)
+
+
+def test_deepcopy_and_pickle_of_a_hooked_own_code_model_mix_with_their_own_alpha() -> None:
+    import copy
+    import pickle
+
+    model = sp.get_peft_model(build(), sp.CoeffConfig(init_weights=False, dropout=0.0))
+    with torch.no_grad():
+        expected = model(X)
+        for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert torch.equal(clone(X), expected)
+            for _, host in clone.adapter_hosts():
+                host.adapters["default"]["coeff"].coeff_alpha.zero_()
+            assert torch.allclose(clone(X), build()(X), atol=1e-6)  # its own α, now zero
+        assert torch.equal(model(X), expected)  # the original's α untouched
