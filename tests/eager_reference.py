@@ -21,18 +21,22 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from structpeft.attention.anatomy import routes_through_interface
+from structpeft.attention.maps import SOFTMAXES, as_head_maps, softmax_dim
+
+
+def _loop_mixed(maps: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``Â_h = Σ_k C[h, k] A_k``, one head and one map at a time; maps (B, H, N, M)."""
+    heads = maps.shape[1]
+    mixing = torch.eye(heads, dtype=alpha.dtype) + alpha
+    return torch.stack([sum(mixing[h, k] * maps[:, k] for k in range(heads)) for h in range(heads)], 1)
 
 
 def mix_maps_per_head(maps: torch.Tensor, value: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``O_h = Σ_k C[h, k] A_k V_{g(h)}``, one head and one map at a time; maps (B, H, N, M)."""
+    """``O_h = Σ_k C[h, k] A_k V_{g(h)}``, one head at a time; maps (B, H, N, M)."""
     heads = maps.shape[1]
     group = heads // value.shape[1]
-    mixing = torch.eye(heads, dtype=alpha.dtype) + alpha
-    out = []
-    for h in range(heads):
-        mixed = sum(mixing[h, k] * maps[:, k] for k in range(heads))  # (B, N, M)
-        out.append(mixed @ value[:, h // group])
-    return torch.stack(out, dim=1)  # (B, H, N, d)
+    mixed = _loop_mixed(maps, alpha)
+    return torch.stack([mixed[:, h] @ value[:, h // group] for h in range(heads)], dim=1)  # (B, H, N, d)
 
 
 def effective_maps(own_eager, module, query, key, value, attention_mask, *args, **kwargs) -> torch.Tensor:
@@ -63,12 +67,6 @@ def _maps_mixed(own_eager):
     return forward
 
 
-def _loop_mixed(maps: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``Â_h = Σ_k C[h, k] A_k``, one head at a time; maps (B, H, N, M)."""
-    mixing = torch.eye(maps.shape[1], dtype=alpha.dtype) + alpha
-    return torch.stack([sum(mixing[h, k] * maps[:, k] for k in range(maps.shape[1])) for h in range(maps.shape[1])], 1)
-
-
 class _OwnCodeReference(TorchFunctionMode):
     """For a module that computes attention in its own code: its softmax outputs shaped as its heads'
     maps, (B, H, N, M) or (B·H, N, M), are replaced by their per-head loop mixes; a direct
@@ -83,27 +81,20 @@ class _OwnCodeReference(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             return self._written_out(*args, **kwargs)
         out = func(*args, **kwargs)
-        if func in (F.softmax, torch.softmax, torch.Tensor.softmax):
-            dim = args[1] if len(args) > 1 else kwargs.get("dim")
-            if dim in (-1, out.dim() - 1) and out.dim() == 4 and out.shape[1] == self.heads:
-                return _loop_mixed(out, self.alpha)
-            if dim in (-1, out.dim() - 1) and out.dim() == 3 and out.shape[0] % self.heads == 0:
-                return _loop_mixed(out.view(-1, self.heads, *out.shape[1:]), self.alpha).view(out.shape)
-        return out
+        maps = as_head_maps(out, softmax_dim(args, kwargs), self.heads) if func in SOFTMAXES else None
+        return out if maps is None else _loop_mixed(maps, self.alpha).view(out.shape)
 
     def _written_out(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
         n, m = query.shape[2], key.shape[2]
-        group = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-        scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+        keys = key.repeat_interleave(query.shape[1] // key.shape[1], 1)
+        scores = query @ keys.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
         if is_causal:
             attn_mask = torch.ones(n, m, dtype=torch.bool).tril()
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         elif attn_mask is not None:
             scores = scores + attn_mask
-        maps = scores.softmax(-1)
-        return torch.stack([_loop_mixed(maps, self.alpha)[:, h] @ value[:, h] for h in range(maps.shape[1])], 1)
+        return mix_maps_per_head(scores.softmax(-1), value, self.alpha)
 
 
 def _own_code_reference(module: nn.Module, alpha: torch.Tensor) -> list:

@@ -231,15 +231,20 @@ def _materialised(block: nn.Module) -> nn.Module:
     return replica
 
 
-def _run_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], width: int):
-    """Forward two random tokens of ``width`` through the block; every candidate's output replaced by a
-    leaf. Returns (the leaves by path, the inputs by path, call order)."""
+def _probe_hidden(block: nn.Module, width: int) -> torch.Tensor:
+    """Two random tokens of ``width`` in the block's dtype and device, the same every call."""
     parameter = next(iter(block.parameters()), None)
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
     # Small inputs keep the softmax far from saturation, where gradients would vanish to exact zeros.
-    hidden = 0.1 * torch.randn(1, _PROBE_TOKENS, width, generator=generator).to(dtype=dtype, device=device)
+    return 0.1 * torch.randn(1, _PROBE_TOKENS, width, generator=generator).to(dtype=dtype, device=device)
+
+
+def _run_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], width: int):
+    """Forward two random tokens of ``width`` through the block; every candidate's output replaced by a
+    leaf. Returns (the leaves by path, the inputs by path, call order)."""
+    hidden = _probe_hidden(block, width)
     outputs: dict[str, torch.Tensor] = {}
     inputs: dict[str, torch.Tensor] = {}
     order: list[str] = []
@@ -287,15 +292,21 @@ def _one_layer(rows: Rows, what: str) -> tuple[str, tuple[int, ...]]:
     return layers[0], tuple(rows[layers[0]].nonzero().flatten().tolist())
 
 
+def _probe_subject(block: nn.Module, layers: list[tuple[str, nn.Module]]):
+    """The block a probe runs and its layers: ``block`` itself, or for a meta-device block a materialised
+    copy, refused when the block holds more than its projections (too much to materialise)."""
+    if not any(p.is_meta for p in block.parameters()):
+        return block, layers
+    projections = {id(p) for _, m in layers for p in m.parameters()}
+    besides = sum(p.numel() for p in block.parameters() if id(p) not in projections)
+    if besides > sum(p.numel() for _, m in layers for p in m.parameters()):
+        raise _ProbeFailed("it is on the meta device and holds more than its projections (too much to materialise)")
+    subject = _materialised(block)
+    return subject, [(path, get_submodule(subject, path)) for path, _ in layers]
+
+
 def _read_by_probe(block: nn.Module, layers: list[tuple[str, nn.Module]], heads: int) -> AttentionAnatomy:
-    subject = block
-    if any(p.is_meta for p in block.parameters()):
-        projections = {id(p) for _, m in layers for p in m.parameters()}
-        besides = sum(p.numel() for p in block.parameters() if id(p) not in projections)
-        if besides > sum(p.numel() for _, m in layers for p in m.parameters()):
-            raise _ProbeFailed("it is on the meta device and holds more than its projections (too much to materialise)")
-        subject = _materialised(block)
-        layers = [(path, get_submodule(subject, path)) for path, _ in layers]
+    subject, layers = _probe_subject(block, layers)
     widths = sorted({_geometry(m)[0] for _, m in layers}, key=lambda w: -sum(_geometry(m)[0] == w for _, m in layers))
     failure = None
     for width in widths:  # the block's input width: the most common input width of its layers, first
@@ -526,12 +537,10 @@ def forms_own_maps(block: nn.Module) -> bool | None:
     layers = _candidates(block)
     if heads is None or not layers or routes_through_interface(block):
         return False
-    if any(p.is_meta for p in block.parameters()):
-        projections = sum(p.numel() for _, m in layers for p in m.parameters())
-        if sum(p.numel() for p in block.parameters()) > 2 * projections:
-            return False  # too much to materialise to find out
-        block = _materialised(block)
-        layers = _candidates(block)
+    try:
+        block, layers = _probe_subject(block, layers)
+    except _ProbeFailed:
+        return False  # too much to materialise to find out
     counter = _HeadMapCounter(heads)
 
     def enter(*_):
@@ -547,15 +556,10 @@ def forms_own_maps(block: nn.Module) -> bool | None:
         if path and (_int_attribute(m, _HEAD_ATTRIBUTES) or routes_through_interface(m))
     ]
     handles = [h for m in others for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    parameter = next(iter(block.parameters()))
-    dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
-    generator = torch.Generator().manual_seed(0)
     try:
         for width in sorted({_geometry(m)[0] for _, m in layers}):
-            hidden = 0.1 * torch.randn(1, _PROBE_TOKENS, width, generator=generator)
-            hidden = hidden.to(dtype=dtype, device=parameter.device)
             try:
-                args, kwargs = _own_code_arguments(block, hidden)
+                args, kwargs = _own_code_arguments(block, _probe_hidden(block, width))
                 with _probing_mode(block), torch.no_grad(), counter:
                     block(*args, **kwargs)
             except Exception:  # noqa: BLE001 - a width it does not take, or arguments it cannot run on
