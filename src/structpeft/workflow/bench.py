@@ -95,6 +95,11 @@ def _vision(model: str, image_size: int, quick_image_size: int) -> tuple[Setting
     )
 
 
+def _main_settings_first(*per_model: tuple[Setting, ...]) -> tuple[Setting, ...]:
+    """Every model's main setting before any low-data one: a suite stopped early still compares the models."""
+    return tuple(setting for same_kind in zip(*per_model, strict=True) for setting in same_kind)
+
+
 SUITES: dict[str, Suite] = {
     "text": Suite(
         "text", "MiniLM on Rotten Tomatoes",
@@ -103,7 +108,7 @@ SUITES: dict[str, Suite] = {
     ),
     "conv": Suite(
         "conv", "MobileNetV2 and EfficientNet-Lite0 on Fashion-MNIST (depthwise and pointwise convs: FLoRA's home)",
-        _vision("mobilenet_v2", 64, 32) + _vision("efficientnet_lite0", 64, 32),
+        _main_settings_first(_vision("mobilenet_v2", 64, 32), _vision("efficientnet_lite0", 64, 32)),
         ("lora", "flora"), (), ("probe", "full", "hf-lora", "hf-loha"),
         # a convnet has no layer C3A adapts (it takes linear layers): the small budget is LoRA r=1's
         (Budget("lora-r1", "lora", {"r": "1"}), Budget("lora-r8", "lora", {"r": "8"})),
