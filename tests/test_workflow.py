@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from structpeft.workflow.cli import main
+from structpeft.workflow.train import peak_memory_mib, reset_peak_memory
 from tests import workflow_fixtures as fx
 
 
@@ -320,3 +321,15 @@ def test_export_a_flora_run_as_a_plain_lora_that_peft_loads(assets, tmp_path, ca
     theirs = peft.PeftModel.from_pretrained(base, lora)
     assert evaluate(theirs, loaded, task, "test", TrainSettings())["loss"] == pytest.approx(ours["loss"], abs=1e-4)
     assert main(["export", "--adapter", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2  # rank or energy
+
+
+def test_a_runs_cpu_peak_memory_starts_at_its_reset() -> None:
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB, written, so resident
+    before = peak_memory_mib(cpu)["peak_rss_mib"]
+    del big
+    if not reset_peak_memory(cpu):
+        pytest.skip("this system's resident-set peak cannot be reset (no writable /proc/self/clear_refs)")
+    after = peak_memory_mib(cpu, since_reset=True)
+    assert after["peak_rss_since"] == "run"
+    assert after["peak_rss_mib"] < before - 200

@@ -272,19 +272,10 @@ class Runner:
             self.skipped += spec.out in self.found
             self.found.discard(spec.out)
             return row
-        if self.options.device != "cpu":
-            _reset_cuda_peak()
         row = self.finetune(spec)
         self.done[spec.out] = {**row, "out": spec.out}
         self.trained += 1
         return self.done[spec.out]
-
-
-def _reset_cuda_peak() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
 
 
 def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, Any]) -> dict[str, Any]:
@@ -321,10 +312,23 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
         "seeds": len(finals),
         "step_time_ms": statistics.mean(r.get("step_time_ms") or 0.0 for r in finals),
         "peak_mib": max(m for m in memory if m is not None) if any(memory) else None,
-        "memory_kind": "cuda allocator" if finals[0].get("peak_cuda_mib") else "process peak RSS",
+        "memory_kind": _memory_kind(finals[0]),
         "device": finals[0].get("device"),
         "runs": [{"seed": r["seed"], "test_accuracy": r["test"]["accuracy"], "out": r["out"]} for r in finals],
     }
+
+
+_MEMORY_NOTES = {
+    "peak RSS of the run": "On CPU the peak is the process's resident set during the run: the model, the data "
+    "and what the allocator kept from earlier runs of the bench.",
+    "process peak RSS": "On CPU the peak is the bench process's resident set so far (it includes earlier runs).",
+}
+
+
+def _memory_kind(row: dict[str, Any]) -> str:
+    if row.get("peak_cuda_mib"):
+        return "cuda allocator"
+    return "peak RSS of the run" if row.get("peak_rss_since") == "run" else "process peak RSS"
 
 
 def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict[str, Any]] | None = None) -> dict:
@@ -412,9 +416,8 @@ def leaderboard(report: dict[str, Any]) -> str:
                     f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['step_time_ms']:.0f} | {peak} |"
                 )
             lines += [""] + [f"- {r['label']} failed: {r['error']}" for r in failed] + ([""] if failed else [])
-    if any(r.get("memory_kind") == "process peak RSS" for s in report["suites"].values()
-           for b in s["settings"].values() for r in b["rows"]):  # fmt: skip
-        lines += ["On CPU the peak is the bench process's resident set so far (it includes earlier runs).", ""]
+    kinds = {r.get("memory_kind") for s in report["suites"].values() for b in s["settings"].values() for r in b["rows"]}
+    lines += [_MEMORY_NOTES[kind] + "\n" for kind in sorted(kinds & set(_MEMORY_NOTES))]
     return "\n".join(lines)
 
 

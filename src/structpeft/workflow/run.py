@@ -35,6 +35,7 @@ from structpeft.workflow.train import (
     evaluate,
     fit,
     peak_memory_mib,
+    reset_peak_memory,
     resolve_device,
 )
 
@@ -209,6 +210,7 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     if processes.is_main:
         results.write_json(out / results.RUN_FILE, row)
     log = RunLog()
+    peak_reset = reset_peak_memory(device)  # the peak of this run, not of the process
     try:
         fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out),
             checkpoint=out / CHECKPOINT_DIR, save_every=spec.save_every,
@@ -224,7 +226,7 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
             raise RunFailed(f"{type(e).__name__}: {e} (after {log.steps} steps; what there was is in {out})") from e
         raise
     finally:
-        row.update(log.summary(), history=log.history, val=log.best_val, **peak_memory_mib(device))
+        row.update(log.summary(), history=log.history, val=log.best_val, **peak_memory_mib(device, peak_reset))
         if processes.is_main:
             results.write_json(out / results.METRICS_FILE, row)
             if log.losses or log.history:

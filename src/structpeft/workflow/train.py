@@ -326,8 +326,29 @@ def evaluate(
     return {"accuracy": correct / max(len(examples), 1), "loss": loss}
 
 
-def peak_memory_mib(device: torch.device) -> dict[str, float]:
-    """CUDA: the allocator's peak; CPU: the process's peak resident set (includes the model and data)."""
+_CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start the peak that :func:`peak_memory_mib` reads from now: the CUDA allocator's, or on Linux the
+    process's resident-set high-water mark (``5`` written to ``/proc/self/clear_refs`` resets it). False
+    where the CPU peak cannot be reset: it then stays the process's since it started."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_mib(device: torch.device, since_reset: bool = False) -> dict[str, Any]:
+    """CUDA: the allocator's peak; CPU: the process's peak resident set (includes the model and data),
+    since :func:`reset_peak_memory` where that succeeded (``since_reset``), else since the process began."""
     if device.type == "cuda":
         return {"peak_cuda_mib": torch.cuda.max_memory_allocated(device) / 2**20}
-    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    high_water = re.search(r"VmHWM:\s+(\d+) kB", _STATUS.read_text()) if _STATUS.is_file() else None
+    if high_water is None:
+        return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss_since": "start"}
+    return {"peak_rss_mib": int(high_water.group(1)) / 1024, "peak_rss_since": "run" if since_reset else "start"}
