@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from structpeft.workflow.cli import main
-from structpeft.workflow.train import peak_memory_mib, reset_peak_memory
+from structpeft.workflow.train import peak_memory_mib, recompute_batch_norm_statistics, reset_peak_memory
 from tests import workflow_fixtures as fx
 
 
@@ -333,3 +334,25 @@ def test_a_runs_cpu_peak_memory_starts_at_its_reset() -> None:
     after = peak_memory_mib(cpu, since_reset=True)
     assert after["peak_rss_since"] == "run"
     assert after["peak_rss_mib"] < before - 200
+
+
+def test_precise_bn_recomputes_the_statistics_of_the_batch_norms_that_train_and_no_others() -> None:
+    torch.manual_seed(0)
+    conv, trained, frozen = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.01), nn.BatchNorm2d(4)
+    model = nn.Sequential(conv, trained, nn.Dropout(0.5), frozen)
+    frozen.requires_grad_(False)
+    frozen.running_mean.normal_(), frozen.running_var.uniform_(0.5, 2.0)
+    frozen_stats = frozen.running_mean.clone(), frozen.running_var.clone()
+    model.train()
+    frozen.eval()  # as train_mode leaves it
+    batches = [3 * torch.randn(8, 3, 6, 6) + 1 for _ in range(3)]  # (B, C, H, W)
+
+    assert recompute_batch_norm_statistics(model, batches, lambda m, x: m(x)) == 1
+
+    with torch.no_grad():
+        features = [conv(x) for x in batches]  # what the trained norm sees, (B, 4, 4, 4) each
+    # a plain average over the batches of each batch's mean and unbiased variance per channel
+    torch.testing.assert_close(trained.running_mean, torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0))
+    torch.testing.assert_close(trained.running_var, torch.stack([f.var((0, 2, 3)) for f in features]).mean(0))
+    assert torch.equal(frozen.running_mean, frozen_stats[0]) and torch.equal(frozen.running_var, frozen_stats[1])
+    assert trained.momentum == 0.01 and model.training and trained.training and not frozen.training
