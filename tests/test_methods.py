@@ -104,9 +104,11 @@ def test_flora_rank_per_mode_must_fit_the_weight() -> None:
         sp.get_peft_model(nn.Sequential(nn.Conv2d(3, 4, 3)), sp.FloraConfig(r=[2, 2], target_modules=["0"]))
 
 
-def test_grouped_lora_conv_merges() -> None:
+# (8, 12, 4): the factored path (groups*r < C_out); depthwise and x2-multiplier: ΔW's path
+@pytest.mark.parametrize(("c_in", "c_out", "groups"), [(8, 12, 4), (8, 8, 8), (8, 16, 8)])
+def test_grouped_lora_conv_merges(c_in: int, c_out: int, groups: int) -> None:
     torch.manual_seed(0)
-    layer = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+    layer = nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups)
     model = sp.get_peft_model(nn.Sequential(layer), sp.LoraConfig(r=2, target_modules=["0"], init_weights=False))
     x = torch.randn(2, 8, 5, 5)
     y = model(x)

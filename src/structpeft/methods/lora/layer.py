@@ -66,6 +66,10 @@ class LoraDelta(AdapterDelta):
             h = F.embedding(x, self.A.T) @ scaled_b.T  # (..., dim)
         elif self.kind == "linear":
             h = F.linear(self.lora_A(self.dropout(x.to(self.A.dtype))), scaled_b)  # (..., d_out)
+        elif self.groups * self.A.shape[0] >= scaled_b.shape[0]:
+            # A depthwise (or thinly grouped) conv: the factored path below would widen x to
+            # groups*r channels, r times the output; ΔW is no larger than the base's own weight.
+            h = conv_like(base_layer, self.dropout(x.to(self.A.dtype)), self.delta_weight(base_layer), self.groups)
         else:
             a = self.A.repeat(self.groups, *(1,) * (self.A.dim() - 1))  # (groups*r, C_in/groups, k..)
             h = conv_like(base_layer, self.dropout(x.to(a.dtype)), a, self.groups)  # (B, groups*r, ..)
