@@ -143,9 +143,14 @@ def train_mode(model: nn.Module) -> None:
     not part of the saved adapter; updated here, the run's own scores would differ from those of its
     adapter loaded onto the base model (measured: MobileNetV2 + LoRA, 81.6% in the run, 56.0% reloaded)."""
     model.train()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not trains_own_parameters(module):
-            module.eval()
+    for norm in _batch_norms(model, trained=False):
+        norm.eval()
+
+
+def _batch_norms(model: nn.Module, trained: bool) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's batch norms whose own parameters train (``trained``), or the frozen ones."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and trains_own_parameters(m) == trained]  # fmt: skip
 
 
 T = TypeVar("T")
@@ -163,8 +168,7 @@ def recompute_batch_norm_statistics(
     Why: a running average lags behind the weights it follows, and evaluation normalises with it.
     With a small momentum the lag is long: EfficientNet-Lite's batch norms (momentum 0.01, from the
     TensorFlow port) still hold about half of their pre-trained statistics after 63 steps."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats and trains_own_parameters(m)]  # fmt: skip
+    norms = [m for m in _batch_norms(model, trained=True) if m.track_running_stats]
     if not norms:
         return 0
     modes, momenta = [(m, m.training) for m in model.modules()], [m.momentum for m in norms]
