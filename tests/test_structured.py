@@ -80,10 +80,33 @@ def test_kronecker(a1, a2, b1, b2, batch, seed) -> None:
     check(S.kronecker_matmul, S.kronecker_dense, params(seed, (a1, a2), (b1, b2)), vector(seed, batch, a2 * b2))
 
 
+def ldr_reference(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The definition, one dense product per generator pair."""
+    return sum(S.circulant_dense(gi) @ S.skew_circulant_dense(hi) for gi, hi in zip(g, h))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=SIZES, r=st.integers(1, 3), seed=st.integers(0, 1000))
+def test_low_displacement_rank_matrix(n, r, seed) -> None:
+    g, h = params(seed, (r, n), (r, n))
+    assert torch.allclose(S.ldr_dense(g, h), ldr_reference(g, h), atol=1e-9, rtol=1e-9)
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=SIZES, r=st.integers(1, 3), batch=BATCH, seed=st.integers(0, 1000))
 def test_low_displacement_rank(n, r, batch, seed) -> None:
-    check(S.ldr_matmul, S.ldr_dense, params(seed, (r, n), (r, n)), vector(seed, batch, n))
+    """Both ways of the product (per vector, and through the matrix), and the dispatch between them."""
+    ps, x = params(seed, (r, n), (r, n)), vector(seed, batch, n)
+    check(S.ldr_fft_matmul, ldr_reference, ps, x)
+    check(S.ldr_matmul, ldr_reference, ps, x)
+    check(lambda g, h, v: v @ S.ldr_dense(g, h).T, ldr_reference, ps, x)
+
+
+def test_low_displacement_rank_in_chunks(monkeypatch) -> None:
+    """Many vectors at a size past the matrix way's: the per-vector product runs in chunks."""
+    monkeypatch.setattr(S, "_LDR_MATRIX_MAX_N", 4)
+    monkeypatch.setattr(S, "_LDR_CHUNK_ELEMENTS", 2 * 3 * 7)  # 3 vectors a chunk at r = 2, n = 7
+    check(S.ldr_matmul, ldr_reference, params(0, (2, 7), (2, 7)), vector(0, (2, 5), 7))
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 6, 8, 11])
@@ -107,4 +130,9 @@ def test_fft_products_run_in_float32_and_cast_back(dtype) -> None:
     y = S.circulant_matmul(c, x.to(dtype))
     assert y.dtype == dtype
     assert torch.allclose(y.float(), S.circulant_matmul(c, x), atol=0.1, rtol=0.05)
-    assert S.ldr_matmul(torch.randn(2, 12), torch.randn(2, 12), x.to(dtype)).dtype == dtype
+    g, h = torch.randn(2, 12), torch.randn(2, 12)
+    for vectors in (torch.randn(3, 12), torch.randn(16, 12)):  # per vector, and through the matrix
+        for params in ((g, h), (g.to(dtype), h.to(dtype))):
+            y = S.ldr_matmul(*params, vectors.to(dtype))
+            assert y.dtype == dtype
+            assert torch.allclose(y.float(), S.ldr_matmul(g, h, vectors), atol=0.2, rtol=0.05)

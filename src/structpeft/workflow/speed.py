@@ -6,7 +6,7 @@ Each section builds its candidates on one device, interleaves their training ste
 - ``text``: our LoRA and FLoRA vs HF PEFT LoRA on MiniLM (one real Rotten Tomatoes batch).
 - ``conv``: FLoRA vs HF PEFT LoRA-conv at (nearly) equal parameters, on MobileNetV2's groups=1
   convs and on one 256->256 3x3 conv.
-- ``surm``: SURM (circulant, Toeplitz, Kronecker; LoRA and adapter mode) vs HF PEFT C3A and LoRA.
+- ``surm``: SURM (circulant, Toeplitz, Kronecker, LDR; LoRA and adapter mode) vs HF PEFT C3A and LoRA.
 - ``products``: each structured family's fast product vs a dense matmul, n = 256..4096.
 - ``attention``: Coeff-Tuning, Coeff + LoRA and Kernel-mix vs the frozen base and LoRA on MiniLM,
   DINOv2-S (random pixels: step time does not depend on them) and a Mistral-style decoder.
@@ -235,10 +235,12 @@ def surm_section(device: torch.device, scale: Scale) -> Iterator[Section]:
             work.adapted("surm circulant", surm()),
             work.adapted("surm toeplitz", surm(structure="toeplitz")),
             work.adapted("surm kronecker", surm(structure="kronecker")),
+            work.adapted("surm ldr r=6", surm(structure="ldr", rank=6)),  # the text suite's LoRA r=8 budget
             work.adapted("surm circulant adapters", sp.SurmConfig(mode="adapter", target_modules=houlsby, **head)),
         ],
         [Ratio("surm circulant", "hf-peft c3a b=384", 1.0), Ratio("surm circulant", "hf-peft lora r=8", 1.3),
          Ratio("surm toeplitz", "hf-peft lora r=8"), Ratio("surm kronecker", "hf-peft lora r=8"),
+         Ratio("surm ldr r=6", "hf-peft lora r=8"),
          Ratio("surm circulant adapters", "hf-peft lora r=8")],
     )  # fmt: skip
 
