@@ -102,6 +102,13 @@ def test_low_displacement_rank(n, r, batch, seed) -> None:
     check(lambda g, h, v: v @ S.ldr_dense(g, h).T, ldr_reference, ps, x)
 
 
+def test_low_displacement_rank_through_the_matrix() -> None:
+    """40 vectors at n = 31 take the matrix way; it equals the definition and the per-vector way."""
+    ps, x = params(7, (3, 31), (3, 31)), vector(7, (5, 8), 31)
+    check(S.ldr_matmul, ldr_reference, ps, x)
+    assert torch.allclose(S.ldr_matmul(*ps, x), S.ldr_fft_matmul(*ps, x), atol=1e-9, rtol=1e-9)
+
+
 def test_low_displacement_rank_in_chunks(monkeypatch) -> None:
     """Many vectors at a size past the matrix way's: the per-vector product runs in chunks."""
     monkeypatch.setattr(S, "_LDR_MATRIX_MAX_N", 4)
@@ -136,3 +143,10 @@ def test_fft_products_run_in_float32_and_cast_back(dtype) -> None:
             y = S.ldr_matmul(*params, vectors.to(dtype))
             assert y.dtype == dtype
             assert torch.allclose(y.float(), S.ldr_matmul(g, h, vectors), atol=0.2, rtol=0.05)
+    # Low-precision generators, float32 vectors: both ways compute in float32 from the same values
+    # (the matrix is not rounded to the generators' dtype on the way).
+    g_low, h_low = g.to(dtype), h.to(dtype)
+    many = torch.randn(16, 12)
+    expected = S.ldr_fft_matmul(g_low, h_low, many)
+    assert expected.dtype == torch.float32
+    assert torch.allclose(S.ldr_matmul(g_low, h_low, many), expected, atol=1e-4, rtol=1e-5)

@@ -165,33 +165,35 @@ def skew_circulant_dense(h: torch.Tensor) -> torch.Tensor:
     """(..., n) first columns -> (..., n, n) skew-circulants."""
     n = h.shape[-1]
     diff = torch.arange(n).unsqueeze(1) - torch.arange(n).unsqueeze(0)  # (n, n): i - j
-    sign = torch.where(diff >= 0, 1.0, -1.0).to(h.dtype)
+    sign = torch.where(diff >= 0, 1.0, -1.0).to(h)
     return sign * h[..., diff % n]
 
 
 # Timed on 2 CPU cores, forward + backward, r = 1 and 6: through the matrix was the faster way from
 # n vectors on at n = 384 (1.5-3x at 4n), and the slower one up to 4n vectors at n = 1536, where
-# the dense product itself (n² per vector) outweighs 2r + 2 FFTs.
+# the dense product itself (n² per vector) outweighs 2r + 2 FFTs. (Not timed on a GPU.)
 _LDR_MATRIX_MAX_N = 512
-# Vectors per chunk of the per-vector product: its (chunk, r, n) complex intermediates stay near
-# 4 MB; one pass over 2,048 vectors at n = 1536 ran 3x slower than chunks.
+# Vectors per chunk of the per-vector product on CPU: its (chunk, r, n) complex intermediates stay
+# near 4 MB, in cache; one pass over 2,048 vectors at n = 1536 ran 3x slower than chunks. A GPU
+# gets one pass (chunks there would be many small kernel launches).
 _LDR_CHUNK_ELEMENTS = 2**19
 
 
 def ldr_matmul(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Σ_i Z_1(g_i) Z_-1(h_i) x for generators g, h of shape (r, n).
 
-    Two exact ways: per vector (2r + 2 FFTs each, :func:`ldr_fft_matmul`, in chunks), or through the
-    (n, n) matrix (:func:`ldr_dense`, built once with (r + 1)·n FFTs) and a dense product, which is
-    faster for a batch of at least n vectors when n is small (a layer of a small transformer).
+    Two exact ways: per vector (2r + 2 FFTs each, :func:`ldr_fft_matmul`, in chunks on CPU), or
+    through the (n, n) matrix (built on each call with (r + 1)·n FFTs, as :func:`ldr_dense`) and a
+    dense product, which is faster for a batch of at least n vectors when n is small (a layer of a
+    small transformer). Both compute in float32 for low-precision inputs or generators.
     """
     n = g.shape[-1]
     if n <= _LDR_MATRIX_MAX_N and x.numel() >= n * n:  # at least n vectors
         x_in = _fft_input(x)
-        return (x_in @ ldr_dense(g, h).to(x_in.dtype).T).to(x.dtype)
+        return (x_in @ _ldr_matrix(g, h).to(x_in.dtype).T).to(x.dtype)
     vectors = x.reshape(-1, n)
     chunk = max(_LDR_CHUNK_ELEMENTS // (g.shape[0] * n), 1)
-    if vectors.shape[0] <= chunk:
+    if x.device.type != "cpu" or vectors.shape[0] <= chunk:
         return ldr_fft_matmul(g, h, x)
     return torch.cat([ldr_fft_matmul(g, h, part) for part in vectors.split(chunk)]).reshape(x.shape)
 
@@ -209,16 +211,20 @@ def ldr_fft_matmul(g: torch.Tensor, h: torch.Tensor, x: torch.Tensor) -> torch.T
 
 
 def ldr_dense(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The (n, n) matrix, a column at a time: column j of Z_-1(h) is a window of [-h, h] (the sign
-    flips where the skew shift wraps); Z_1(g_i) is applied to all of them in the frequency domain and
-    the r spectra are summed before one inverse FFT. (A gather of the (r, n, n) skew-circulants
-    built the same matrix 2-3x slower, its backward a scatter.)"""
+    return _ldr_matrix(g, h).to(h.dtype)
+
+
+def _ldr_matrix(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The (n, n) matrix, a column at a time, in float32 or wider: column j of Z_-1(h) is a window of
+    [-h, h] (the sign flips where the skew shift wraps); Z_1(g_i) is applied to all of them in the
+    frequency domain and the r spectra are summed before one inverse FFT. (A gather of the
+    (r, n, n) skew-circulants built the same matrix 2-3x slower, its backward a scatter.)"""
     n = g.shape[-1]
-    g, h_in = _fft_input(g), _fft_input(h)
-    windows = torch.cat([-h_in, h_in], dim=-1).unfold(-1, n, 1)  # (r, n + 1, n): window s is [-h, h][s : s + n]
+    g, h = _fft_input(g), _fft_input(h)
+    windows = torch.cat([-h, h], dim=-1).unfold(-1, n, 1)  # (r, n + 1, n): window s is [-h, h][s : s + n]
     columns = windows[..., 1:, :].flip(-2)  # (r, n, n): row j is column j of Z_-1(h_i)
     spectrum = (torch.fft.rfft(g).unsqueeze(-2) * torch.fft.rfft(columns)).sum(0)  # (n, n//2 + 1)
-    return torch.fft.irfft(spectrum, n=n).T.to(h.dtype)  # (n, n): column j of W
+    return torch.fft.irfft(spectrum, n=n).T  # (n, n): column j of W
 
 
 def num_params(structure: str, m: int, n: int, rank: int = 1, kronecker_a: tuple[int, int] = (1, 1)) -> int:
