@@ -43,7 +43,7 @@ def test_quick_speed_suite_writes_every_ratio_with_its_target(tmp_path, capsys) 
     report = json.loads((tmp_path / "speed" / "speed.json").read_text())
     assert report["device"].startswith("CPU") and report["rounds"] == 1
     titles = [b["title"] for b in report["sections"]]
-    assert [b["section"] for b in report["sections"]] == ["text", "conv", "conv"], titles
+    assert [b["section"] for b in report["sections"]] == ["text", "conv", "conv", "conv"], titles
     for block in report["sections"]:
         assert all(r["device"] == "cpu" and r["step_ms"] > 0 and r["memory_mib"] > 0 for r in block["rows"])
         names = {r["candidate"] for r in block["rows"]}
@@ -53,10 +53,16 @@ def test_quick_speed_suite_writes_every_ratio_with_its_target(tmp_path, capsys) 
     target = {(r["a"], r["b"]): r for r in report["sections"][0]["ratios"]}
     assert target[("lora r=8", "hf-peft lora r=8")]["target"] == 1.05
     assert isinstance(target[("lora r=8", "hf-peft lora r=8")]["met"], bool)
-    for block in report["sections"][1:]:  # FLoRA at the largest rank that HF LoRA-conv's count allows
+    pair_blocks = [b for b in report["sections"][1:] if "groups=1" in b["title"] or "one 256" in b["title"]]
+    assert len(pair_blocks) == 2, titles
+    for block in pair_blocks:  # FLoRA at the largest rank that HF LoRA-conv's count allows
         hf, flora = block["rows"]
         assert hf["candidate"].startswith("hf-peft lora-conv") and flora["candidate"].startswith("flora")
         assert 0.8 * hf["trainable"] <= flora["trainable"] <= hf["trainable"]
+    every_conv = next(b for b in report["sections"] if "depthwise" in b["title"])  # ours on every conv
+    rows = {r["candidate"]: r["trainable"] for r in every_conv["rows"]}
+    assert set(rows) == {"lora r=8", "flora r=8"}
+    assert rows["lora r=8"] > next(r["trainable"] for r in pair_blocks[0]["rows"] if r["candidate"].startswith("hf"))
     assert set(report["products"]["ratio_to_dense"]) == {"circulant", "toeplitz", "sym_toeplitz", "kronecker",
                                                          "ldr r=1", "ldr r=4"}  # fmt: skip
     markdown = (tmp_path / "speed" / "speed.md").read_text()

@@ -5,7 +5,7 @@ Each section builds its candidates on one device, interleaves their training ste
 
 - ``text``: our LoRA and FLoRA vs HF PEFT LoRA on MiniLM (one real Rotten Tomatoes batch).
 - ``conv``: FLoRA vs HF PEFT LoRA-conv at (nearly) equal parameters, on MobileNetV2's groups=1
-  convs and on one 256->256 3x3 conv.
+  convs and on one 256->256 3x3 conv; our LoRA and FLoRA on every MobileNetV2 conv, depthwise too.
 - ``surm``: SURM (circulant, Toeplitz, Kronecker, LDR; LoRA and adapter mode) vs HF PEFT C3A and LoRA.
 - ``products``: each structured family's fast product vs a dense matmul, n = 256..4096.
 - ``attention``: Coeff-Tuning, Coeff + LoRA and Kernel-mix vs the frozen base and LoRA on MiniLM,
@@ -209,9 +209,19 @@ def conv_section(device: torch.device, scale: Scale) -> Iterator[Section]:
     g = torch.Generator().manual_seed(0)
     images = torch.randn(scale.conv_batch, 3, scale.conv_pixels, scale.conv_pixels, generator=g).to(device)
     labels = torch.randint(0, 10, (scale.conv_batch,), generator=g).to(device)
-    net_pair = _conv_pair(net, targets, 8, lambda m: F.cross_entropy(m(images), labels), device)
+    loss = lambda m: F.cross_entropy(m(images), labels)  # noqa: E731
+    net_pair = _conv_pair(net, targets, 8, loss, device)
     yield Section(f"MobileNetV2, {len(targets)} groups=1 convs, batch {scale.conv_batch} @ {scale.conv_pixels}px",
                   net_pair, [Ratio(net_pair[1].name, net_pair[0].name, 1.0)])  # fmt: skip
+
+    # Ours on every conv, the depthwise ones too (as the conv suite runs them): there LoRA convolves
+    # with ΔW instead of its groups·r-wide factored path, and FLoRA keeps its Tucker factors.
+    every = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    depthwise = sum(net.get_submodule(n).groups > 1 for n in every)
+    ours = [Candidate(name, _wrap(net, config(r=8, alpha=16, target_modules=every), device), loss)
+            for name, config in (("lora r=8", sp.LoraConfig), ("flora r=8", sp.FloraConfig))]  # fmt: skip
+    yield Section(f"MobileNetV2, all {len(every)} convs ({depthwise} depthwise), batch {scale.conv_batch} @ "
+                  f"{scale.conv_pixels}px", ours, [Ratio("flora r=8", "lora r=8")])  # fmt: skip
 
     conv = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1)).requires_grad_(False)
     side = max(scale.conv_pixels // 4, 4)
