@@ -203,23 +203,27 @@ def conv_section(device: torch.device, scale: Scale) -> Iterator[Section]:
 
     torch.manual_seed(0)
     net = load_mobilenet_v2(num_classes=10).requires_grad_(False)
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
     # HF PEFT's LoRA-conv needs r divisible by groups, so depthwise convs are out for it: compare on
     # every groups == 1 conv (the stem 3x3 and all 1x1 expansions and projections).
-    targets = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    targets = [n for n, m in convs.items() if m.groups == 1]
     g = torch.Generator().manual_seed(0)
     images = torch.randn(scale.conv_batch, 3, scale.conv_pixels, scale.conv_pixels, generator=g).to(device)
     labels = torch.randint(0, 10, (scale.conv_batch,), generator=g).to(device)
-    loss = lambda m: F.cross_entropy(m(images), labels)  # noqa: E731
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        return F.cross_entropy(model(images), labels)
+
     net_pair = _conv_pair(net, targets, 8, loss, device)
     yield Section(f"MobileNetV2, {len(targets)} groups=1 convs, batch {scale.conv_batch} @ {scale.conv_pixels}px",
                   net_pair, [Ratio(net_pair[1].name, net_pair[0].name, 1.0)])  # fmt: skip
 
     # Ours on every conv, the depthwise ones too (as the conv suite runs them): there LoRA convolves
     # with ΔW instead of its groups·r-wide factored path, and FLoRA keeps its Tucker factors.
-    every = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
-    depthwise = sum(net.get_submodule(n).groups > 1 for n in every)
+    every = list(convs)
     ours = [Candidate(name, _wrap(net, config(r=8, alpha=16, target_modules=every), device), loss)
             for name, config in (("lora r=8", sp.LoraConfig), ("flora r=8", sp.FloraConfig))]  # fmt: skip
+    depthwise = len(every) - len(targets)  # groups > 1
     yield Section(f"MobileNetV2, all {len(every)} convs ({depthwise} depthwise), batch {scale.conv_batch} @ "
                   f"{scale.conv_pixels}px", ours, [Ratio("flora r=8", "lora r=8")])  # fmt: skip
 
