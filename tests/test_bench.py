@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from structpeft.workflow import bench, cli, run
+from structpeft.workflow import bench, cli, results, run
 from tests.workflow_fixtures import save_text_encoder, sentences, write_csv
 
 
@@ -112,8 +112,42 @@ def test_a_bench_killed_after_its_first_run_resumes_without_repeating_it(tiny, t
     assert first_run not in outs
     assert killed.specs[1].out in outs  # the interrupted one runs again
     assert len(outs) == 3 * 3 - 1
-    stored = [json.loads(line)["out"] for line in (tmp_path / bench.STORE_FILE).read_text().splitlines()]
-    assert len(stored) == len(set(stored)) == 3 * 3
+    stored = results.load_results([tmp_path / bench.STORE_FILE])
+    assert len({r["out"] for r in stored}) == len(stored) == 3 * 3
+    assert sum("test" in r for r in stored) == 3  # one kept run per entry (seeds=1: the chosen search run)
+
+
+def test_test_is_scored_only_on_kept_runs_and_a_kept_search_run_scores_as_it_would_have(tiny, tmp_path) -> None:
+    """The two lrs not chosen never see the test split; the chosen one is scored from its saved weights,
+    with the numbers it gives when scored at the end of its training (checked by training it again)."""
+    scored: list[Path] = []
+
+    def score_test(folder: Path) -> dict[str, float]:
+        scored.append(folder)
+        return run.evaluate_run(folder, split="test")
+
+    entry = {"label": "lora@r4", "method": "lora", "budget": "r4", "settings": {"r": "4"}, "adapter_params": None,
+             "default_lr": 1e-3, "budget_target": None}  # fmt: skip
+    runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), score_test=score_test)
+    row = bench.run_entry(runner, tiny, tiny.settings[0], entry)
+    chosen = Path(row["runs"][0]["out"])
+    search = sorted((tmp_path / "runs").rglob("*-seed0"))
+    assert len(search) == 3 and chosen in search and scored == [chosen]
+    metrics = {folder: json.loads((folder / "metrics.json").read_text()) for folder in search}
+    assert [("test" in m) for folder, m in metrics.items()] == [folder == chosen for folder in search]
+
+    spec = run._spec_of(chosen)
+    again = run.finetune(
+        dataclasses.replace(spec, out=str(tmp_path / "again"), results=str(tmp_path / "again.jsonl"), score_test=True)
+    )
+    assert again["val"] == metrics[chosen]["val"]
+    assert again["test"] == metrics[chosen]["test"]
+    assert row["runs"][0]["test_accuracy"] == again["test"]["accuracy"]
+    stored = results.load_results([tmp_path / bench.STORE_FILE])
+    assert len(stored) == 4 and [r["test"] for r in stored if r["out"] == str(chosen)] == [again["test"]]
+
+    rerun = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=Counting(), score_test=score_test)
+    assert bench.run_entry(rerun, tiny, tiny.settings[0], entry) == row and rerun.trained == 0 and len(scored) == 1
 
 
 def test_a_store_made_with_other_settings_is_refused(tiny, tmp_path) -> None:
@@ -197,6 +231,8 @@ def test_hf_peft_references_train_through_the_same_loop(tiny, tmp_path, monkeypa
     assert set(trained) == set(before)
     adapter = [n for n in before if ".modules_to_save." not in n]
     assert adapter and any(not torch.equal(trained[n], before[n]) for n in adapter)
+    monkeypatch.undo()
+    assert run.evaluate_run(tmp_path / "run", split="test") == row["test"]  # restored on a fresh base, same scores
 
 
 def test_hf_methods_do_not_compose_and_lora_conv_skips_depthwise_convs() -> None:

@@ -31,7 +31,7 @@ from structpeft.workflow import recipes, results, run
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around a method's default learning rate
 QUICK_FIELDS = {"train_size": 64, "test_size": 64, "val_size": 16, "epochs": 1, "batch_size": 16, "max_length": 32}
 # Spec fields that do not change what a run computes (where it writes, how it shows progress).
-NOT_IN_KEY = {"out", "results", "progress", "device", "resume", "save_every"}
+NOT_IN_KEY = {"out", "results", "progress", "device", "resume", "save_every", "score_test"}
 PLAN_FILE, STORE_FILE, RESULTS_FILE, LEADERBOARD_FILE = "plan.json", "results.jsonl", "results.json", "leaderboard.md"
 
 
@@ -232,13 +232,15 @@ def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
 
 
 # -- running: the store is the cache ------------------------------------------------------------------
-def run_spec(setting: Setting, entry: dict[str, Any], lr: float, seed: int, options: Options, folder: Path):
+def run_spec(
+    setting: Setting, entry: dict[str, Any], lr: float, seed: int, options: Options, folder: Path, score_test: bool
+) -> run.RunSpec:
     return run.RunSpec(
         model=setting.model, task=setting.task, method=entry["method"], settings=dict(entry["settings"]),
         epochs=setting.epochs, lr=lr, batch_size=setting.batch_size, max_length=setting.max_length,
         image_size=setting.image_size, val_size=setting.val_size, seed=seed, device=options.device,
         train_size=setting.train_size, test_size=setting.test_size, out=str(folder),
-        results=str(options.out / STORE_FILE), progress="none",
+        results=str(options.out / STORE_FILE), progress="none", score_test=score_test,
     )  # fmt: skip
 
 
@@ -248,21 +250,32 @@ def spec_key(spec: run.RunSpec | dict[str, Any]) -> dict[str, Any]:
 
 
 class Runner:
-    """Runs what the store does not have; ``finetune`` is the workflow's (tests count its calls)."""
+    """Runs what the store does not have; ``finetune`` and ``score_test`` are the workflow's (tests count
+    their calls)."""
 
-    def __init__(self, options: Options, finetune: Callable[..., dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        options: Options,
+        finetune: Callable[..., dict[str, Any]] | None = None,
+        score_test: Callable[[Path], dict[str, float]] | None = None,
+    ) -> None:
         self.options = options
         self.finetune = finetune or run.finetune
+        self.score_test = score_test or (lambda folder: run.evaluate_run(folder, split="test"))
         store = options.out / STORE_FILE
         rows = results.load_results([store]) if store.is_file() else []
         self.done = {row["out"]: row for row in rows if row.get("status") == "finished" and "out" in row}
         self.found = set(self.done)  # finished before this bench started
         self.trained = 0
         self.skipped = 0  # found finished (not a search run reused as the seed-0 final run)
+        self.scored_later = 0  # search runs kept as final runs, scored on test from their saved weights
 
     def get(self, spec: run.RunSpec) -> dict[str, Any]:
         row = self.done.get(spec.out)
-        if row is not None:
+        if row is None:
+            row = self.done[spec.out] = {**self.finetune(spec), "out": spec.out}
+            self.trained += 1
+        else:
             if spec_key(row["spec"]) != spec_key(spec):
                 changed = sorted(k for k, v in spec_key(spec).items() if row["spec"].get(k) != v)
                 raise StoreMismatch(
@@ -271,11 +284,20 @@ class Runner:
                 )
             self.skipped += spec.out in self.found
             self.found.discard(spec.out)
-            return row
-        row = self.finetune(spec)
-        self.done[spec.out] = {**row, "out": spec.out}
-        self.trained += 1
-        return self.done[spec.out]
+        if spec.score_test and not row.get("test"):
+            row = self._scored_on_test(Path(spec.out), row)
+        return row
+
+    def _scored_on_test(self, folder: Path, row: dict[str, Any]) -> dict[str, Any]:
+        """A search run kept as a final run: its test score from the weights it saved (its best epoch's,
+        the very weights a run scores at its end), written to its metrics and, as a newer row, to the store."""
+        row = {**row, "test": self.score_test(folder)}
+        metrics = folder / results.METRICS_FILE
+        results.write_json(metrics, {**json.loads(metrics.read_text(encoding="utf-8")), "test": row["test"]})
+        results.append_result(self.options.out / STORE_FILE, row)
+        self.done[str(folder)] = row
+        self.scored_later += 1
+        return row
 
 
 def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, Any]) -> dict[str, Any]:
@@ -283,15 +305,17 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
     options = runner.options
     folder = options.out / "runs" / suite.name / setting.name / entry["label"]
 
-    def one(lr: float, seed: int) -> dict[str, Any]:
-        return runner.get(run_spec(setting, entry, lr, seed, options, folder / f"lr{lr:g}-seed{seed}"))
+    def one(lr: float, seed: int, final: bool = True) -> dict[str, Any]:
+        out = folder / f"lr{lr:g}-seed{seed}"
+        return runner.get(run_spec(setting, entry, lr, seed, options, out, score_test=final))
 
     if "error" in entry:
         return entry
 
     def search_and_finals() -> tuple[dict, float, list[dict[str, Any]]]:
         grid = lr_grid(entry["default_lr"], options.quick)
-        val_by_lr = {lr: one(lr, 0).get("val") or {} for lr in grid}
+        # test is scored only on the runs kept: the chosen lr's search run is scored once chosen
+        val_by_lr = {lr: one(lr, 0, final=len(grid) == 1).get("val") or {} for lr in grid}
         chosen = choose_lr(val_by_lr) if len(grid) > 1 else grid[0]
         return val_by_lr, chosen, [one(chosen, seed) for seed in range(options.seeds)]
 
@@ -358,7 +382,10 @@ def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict
             report["suites"][name]["settings"][setting.name] = {"setting": dataclasses.asdict(setting), "rows": rows}
             write_outputs(report, options.out)  # what there is so far, after each setting
     write_outputs(report, options.out)
-    print(f"bench: {runner.trained} runs trained, {runner.skipped} found finished in {options.out / STORE_FILE}")
+    print(
+        f"bench: {runner.trained} runs trained, {runner.skipped} found finished in {options.out / STORE_FILE}, "
+        f"{runner.scored_later} search runs scored on test once chosen"
+    )
     if not report["suites"]:
         raise run.UsageError("no suite could run: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()))
     failed = [f"{name} / {setting} / {r['label']}: {r['error']}" for name, suite in report["suites"].items()

@@ -42,7 +42,9 @@ def append_result(store: Path, row: dict[str, Any]) -> None:
 
 def load_results(sources: list[Path]) -> list[dict[str, Any]]:
     """Rows from results files (JSON lines) and run folders (their metrics.json); a line that is not
-    a JSON object is skipped with a warning naming the file and line."""
+    a JSON object is skipped with a warning naming the file and line. In a results file a later row for
+    the same run folder (``out``) replaces the earlier one: the bench appends a search run again once
+    it has scored its test split."""
     rows: list[dict[str, Any]] = []
     for source in sources:
         if source.is_dir():
@@ -55,6 +57,7 @@ def load_results(sources: list[Path]) -> list[dict[str, Any]]:
             continue
         if not source.is_file():
             raise FileNotFoundError(f"{source}: no such results file or run folder")
+        newest: dict[str, int] = {}  # run folder -> its row's index in ``rows``
         for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -65,6 +68,11 @@ def load_results(sources: list[Path]) -> list[dict[str, Any]]:
             except ValueError:
                 print(f"warning: {source}:{number}: not a complete JSON row (torn write?); skipped", file=sys.stderr)
                 continue
+            if row.get("out") in newest:
+                rows[newest[row["out"]]] = row
+                continue
+            if "out" in row:
+                newest[row["out"]] = len(rows)
             rows.append(row)
     return rows
 
@@ -89,8 +97,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[key].append(row)
     out = []
     for (model, task, method, n_train, lr), runs in groups.items():
-        metric, _ = headline(runs[0])
-        values = [v for v in (headline(r)[1] for r in runs) if v is not None]
+        scored = [headline(r) for r in runs if headline(r)[1] is not None]  # a search run may have no test score
+        metric = scored[0][0] if scored else "-"
+        values = [v for _, v in scored]
         out.append(
             {
                 "model": model, "task": task, "method": method, "train": n_train, "lr": lr, "runs": len(runs),

@@ -80,6 +80,7 @@ class RunSpec:
     progress: str = "auto"
     save_every: int | None = None  # optimizer steps between training checkpoints (and each epoch's end)
     resume: bool = False
+    score_test: bool = True  # False: the test split is left for later (the bench's lr-search runs)
 
 
 def check_spec(spec: RunSpec) -> None:
@@ -215,8 +216,9 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
         fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out),
             checkpoint=out / CHECKPOINT_DIR, save_every=spec.save_every,
             resume=spec.resume, processes=processes)  # fmt: skip
-        show = processes.is_main and bar_mode(settings.progress) == "bar"
-        row["test"] = evaluate(model, loaded, task, "test", settings, progress=show, processes=processes)
+        if spec.score_test:
+            show = processes.is_main and bar_mode(settings.progress) == "bar"
+            row["test"] = evaluate(model, loaded, task, "test", settings, progress=show, processes=processes)
         row["status"] = "finished"
     except BaseException as e:
         row.update(
@@ -235,8 +237,9 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
         return row
     results.append_result(Path(spec.results), {**row, "out": str(out)})
     metric, value = results.headline(row)
+    scored = f"test {metric} {value:.2f}" if value is not None else "test not scored"
     print(
-        f"test {metric} {value:.2f} (epoch {log.best_epoch}, best on validation) | trainable {trainable:,} | "
+        f"{scored} (epoch {log.best_epoch}, best on validation) | trainable {trainable:,} | "
         f"train {log.train_seconds:.0f}s | {out}",
         flush=True,
     )
@@ -259,13 +262,16 @@ def restore(run_dir: Path, spec: RunSpec, task: Task, loaded: LoadedModel) -> nn
     if (run_dir / BASELINE_WEIGHTS).is_file():
         from safetensors.torch import load_file
 
+        # a baseline's or an HF PEFT reference's tensors, named as in the model it trained: rebuild that model
+        recipe = recipes.build_recipe(spec.method, loaded.family, spec.settings, loaded.model, loaded.head)
+        model = recipe.adapt(loaded.model, loaded.head)
         tensors = load_file(str(run_dir / BASELINE_WEIGHTS))
-        known = {n for n, _ in loaded.model.named_parameters()} | {n for n, _ in loaded.model.named_buffers()}
+        known = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         missing = set(tensors) - known
         if missing:
-            raise UsageError(f"{run_dir}: weights {sorted(missing)[:3]} do not fit {loaded.ref}")
-        loaded.model.load_state_dict(tensors, strict=False)
-        return loaded.model
+            raise UsageError(f"{run_dir}: weights {sorted(missing)[:3]} do not fit {loaded.ref} with {spec.method}")
+        model.load_state_dict(tensors, strict=False)
+        return model
     try:
         return sp.PeftModel.from_pretrained(loaded.model, run_dir)
     except sp.CheckpointError as e:
