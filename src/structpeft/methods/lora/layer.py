@@ -60,16 +60,17 @@ class LoraDelta(AdapterDelta):
         nn.init.zeros_(self.B) if zero_start else nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if self.kind == "conv" and self.groups * self.A.shape[0] >= self.B.shape[0]:
+            # A depthwise (or thinly grouped) conv: the factored path below would widen x to
+            # groups*r channels, r times the output; ΔW is no larger than the base's own weight.
+            h = conv_like(base_layer, self.dropout(x.to(self.A.dtype)), self.delta_weight(base_layer), self.groups)
+            return result + h.to(result.dtype)
         # The scale goes on B (r columns), not on the (batch x d_out) output: one full-size op less.
         scaled_b = self.B.flatten(1) * self.scaling  # (d_out, r)
         if self.kind == "embedding":
             h = F.embedding(x, self.A.T) @ scaled_b.T  # (..., dim)
         elif self.kind == "linear":
             h = F.linear(self.lora_A(self.dropout(x.to(self.A.dtype))), scaled_b)  # (..., d_out)
-        elif self.groups * self.A.shape[0] >= scaled_b.shape[0]:
-            # A depthwise (or thinly grouped) conv: the factored path below would widen x to
-            # groups*r channels, r times the output; ΔW is no larger than the base's own weight.
-            h = conv_like(base_layer, self.dropout(x.to(self.A.dtype)), self.delta_weight(base_layer), self.groups)
         else:
             a = self.A.repeat(self.groups, *(1,) * (self.A.dim() - 1))  # (groups*r, C_in/groups, k..)
             h = conv_like(base_layer, self.dropout(x.to(a.dtype)), a, self.groups)  # (B, groups*r, ..)
