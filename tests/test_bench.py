@@ -68,14 +68,22 @@ def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_
 
     def fake(spec: run.RunSpec) -> dict:
         val = {"accuracy": 1 / spec.lr / 1e4, "loss": 1.0}
-        return {"status": "finished", "spec": dataclasses.asdict(spec), "seed": spec.seed, "val": val,
-                "test": {"accuracy": spec.lr}, "trainable_params": 10, "device": "cpu"}  # fmt: skip
+        row = {"status": "finished", "spec": dataclasses.asdict(spec), "seed": spec.seed, "val": val,
+               "trainable_params": 10, "device": "cpu"}  # fmt: skip
+        if spec.score_test:
+            row["test"] = {"accuracy": spec.lr}
+        results.write_json(Path(spec.out) / results.METRICS_FILE, row)
+        return row
+
+    def score_test(folder: Path) -> dict[str, float]:
+        return {"accuracy": float(folder.name.removeprefix("lr").split("-")[0])}
 
     entry = {"label": "probe", "method": "probe", "budget": None, "settings": {}, "adapter_params": None,
              "default_lr": 1e-2, "budget_target": None}  # fmt: skip
-    runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=fake)
+    runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=fake, score_test=score_test)
     row = bench.run_entry(runner, tiny, tiny.settings[0], entry)
     assert row["lr"] == pytest.approx(0.00333)
+    assert [r["test_accuracy"] for r in row["runs"]] == [pytest.approx(0.00333)] * 2
     assert [r["seed"] for r in row["runs"]] == [0, 1]
     assert runner.trained == 4  # three lrs on seed 0, then seed 1 at the chosen one (seed 0 is the search run)
 
@@ -112,6 +120,8 @@ def test_a_bench_killed_after_its_first_run_resumes_without_repeating_it(tiny, t
     assert first_run not in outs
     assert killed.specs[1].out in outs  # the interrupted one runs again
     assert len(outs) == 3 * 3 - 1
+    lines = (tmp_path / bench.STORE_FILE).read_text().splitlines()
+    assert len(lines) == 3 * 3 + 3  # the 9 runs, then each entry's chosen search run again with its test score
     stored = results.load_results([tmp_path / bench.STORE_FILE])
     assert len({r["out"] for r in stored}) == len(stored) == 3 * 3
     assert sum("test" in r for r in stored) == 3  # one kept run per entry (seeds=1: the chosen search run)
@@ -128,8 +138,9 @@ def test_test_is_scored_only_on_kept_runs_and_a_kept_search_run_scores_as_it_wou
 
     entry = {"label": "lora@r4", "method": "lora", "budget": "r4", "settings": {"r": "4"}, "adapter_params": None,
              "default_lr": 1e-3, "budget_target": None}  # fmt: skip
+    setting = dataclasses.replace(tiny.settings[0], epochs=2)  # the best epoch need not be the last
     runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), score_test=score_test)
-    row = bench.run_entry(runner, tiny, tiny.settings[0], entry)
+    row = bench.run_entry(runner, tiny, setting, entry)
     chosen = Path(row["runs"][0]["out"])
     search = sorted((tmp_path / "runs").rglob("*-seed0"))
     assert len(search) == 3 and chosen in search and scored == [chosen]
@@ -143,11 +154,21 @@ def test_test_is_scored_only_on_kept_runs_and_a_kept_search_run_scores_as_it_wou
     assert again["val"] == metrics[chosen]["val"]
     assert again["test"] == metrics[chosen]["test"]
     assert row["runs"][0]["test_accuracy"] == again["test"]["accuracy"]
+    assert len((tmp_path / bench.STORE_FILE).read_text().splitlines()) == 5  # 4 runs, the chosen one twice
     stored = results.load_results([tmp_path / bench.STORE_FILE])
     assert len(stored) == 4 and [r["test"] for r in stored if r["out"] == str(chosen)] == [again["test"]]
 
     rerun = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=Counting(), score_test=score_test)
-    assert bench.run_entry(rerun, tiny, tiny.settings[0], entry) == row and rerun.trained == 0 and len(scored) == 1
+    assert bench.run_entry(rerun, tiny, setting, entry) == row and rerun.trained == 0 and len(scored) == 1
+
+
+def test_only_a_row_scored_later_replaces_its_run_folders_earlier_row(tmp_path) -> None:
+    store = tmp_path / "results.jsonl"
+    for row in ({"out": "a", "lr": 1}, {"out": "a", "lr": 2}, {"out": "b", "lr": 3},
+                {"out": "b", "lr": 3, "test": {"accuracy": 0.5}, results.SCORED_LATER: True}):  # fmt: skip
+        results.append_result(store, row)
+    rows = results.load_results([store])
+    assert [(r["out"], r["lr"], "test" in r) for r in rows] == [("a", 1, False), ("a", 2, False), ("b", 3, True)]
 
 
 def test_a_store_made_with_other_settings_is_refused(tiny, tmp_path) -> None:

@@ -7,7 +7,8 @@ at their own fixed size, and references (linear probe, full fine-tuning, HF PEFT
 Protocol, the same for every method: the learning rate is chosen on the validation split from a grid
 of three values around the method's default, with seed 0 (only validation scores are read); the
 final runs use seeds 0..N-1 at the chosen rate (seed 0 is the search run itself: the same spec) and
-each scores the test split once, at its end (``finetune`` does that).
+each scores the test split once. Search runs do not score it; the chosen one is scored once chosen,
+from the weights it saved in its folder (its best epoch's, which a run scores at its end).
 
 The results store (``OUT/results.jsonl``, one row per finished run) is the cache: a run whose folder
 (``OUT/runs/<suite>/<setting>/<method>[@budget]/lr<lr>-seed<seed>``) has a finished row is not run
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from structpeft.workflow import recipes, results, run
+from structpeft.workflow.distributed import launched_processes
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around a method's default learning rate
 QUICK_FIELDS = {"train_size": 64, "test_size": 64, "val_size": 16, "epochs": 1, "batch_size": 16, "max_length": 32}
@@ -291,7 +293,7 @@ class Runner:
     def _scored_on_test(self, folder: Path, row: dict[str, Any]) -> dict[str, Any]:
         """A search run kept as a final run: its test score from the weights it saved (its best epoch's,
         the very weights a run scores at its end), written to its metrics and, as a newer row, to the store."""
-        row = {**row, "test": self.score_test(folder)}
+        row = {**row, "test": self.score_test(folder), results.SCORED_LATER: True}
         metrics = folder / results.METRICS_FILE
         results.write_json(metrics, {**json.loads(metrics.read_text(encoding="utf-8")), "test": row["test"]})
         results.append_result(self.options.out / STORE_FILE, row)
@@ -357,6 +359,8 @@ def _memory_kind(row: dict[str, Any]) -> str:
 
 def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict[str, Any]] | None = None) -> dict:
     """Every suite named; a suite whose models or data are not installed is skipped, with the reason."""
+    if launched_processes().distributed:
+        raise run.UsageError("structpeft bench runs in one process (its runs are small): launch it without torchrun")
     options.out.mkdir(parents=True, exist_ok=True)
     plan_path = options.out / PLAN_FILE
     plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}

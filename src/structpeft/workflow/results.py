@@ -40,11 +40,14 @@ def append_result(store: Path, row: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+SCORED_LATER = "test_scored_later"  # a run's row again, now with its test score (see load_results)
+
+
 def load_results(sources: list[Path]) -> list[dict[str, Any]]:
     """Rows from results files (JSON lines) and run folders (their metrics.json); a line that is not
-    a JSON object is skipped with a warning naming the file and line. In a results file a later row for
-    the same run folder (``out``) replaces the earlier one: the bench appends a search run again once
-    it has scored its test split."""
+    a JSON object is skipped with a warning naming the file and line. A row marked ``test_scored_later``
+    replaces the earlier row of its run folder (``out``): the bench appends a search run again once it
+    has scored its test split."""
     rows: list[dict[str, Any]] = []
     for source in sources:
         if source.is_dir():
@@ -68,10 +71,10 @@ def load_results(sources: list[Path]) -> list[dict[str, Any]]:
             except ValueError:
                 print(f"warning: {source}:{number}: not a complete JSON row (torn write?); skipped", file=sys.stderr)
                 continue
-            if row.get("out") in newest:
+            if row.get(SCORED_LATER) and row.get("out") in newest:
                 rows[newest[row["out"]]] = row
                 continue
-            if "out" in row:
+            if row.get("out"):
                 newest[row["out"]] = len(rows)
             rows.append(row)
     return rows

@@ -323,7 +323,10 @@ def export(run_dir: Path, out: Path, rank: int | None, energy: float | None, uni
     task, loaded = _load(spec)
     model = restore(run_dir, spec, task, loaded)
     if not isinstance(model, sp.PeftModel):
-        raise UsageError(f"{run_dir} is a {spec.method} baseline run: there is no adapter to export")
+        raise UsageError(
+            f"{run_dir} is a {spec.method} run (a baseline or an HF PEFT reference): "
+            "there is no structpeft adapter to export"
+        )
     report = sp.export_lora(model, out, rank=rank, energy=energy, uniform_rank=uniform_rank, lora_bias=lora_bias)
     print(report)
     return report
