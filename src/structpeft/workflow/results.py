@@ -100,7 +100,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[key].append(row)
     out = []
     for (model, task, method, n_train, lr), runs in groups.items():
-        scored = [headline(r) for r in runs if headline(r)[1] is not None]  # a search run may have no test score
+        scored = [h for h in map(headline, runs) if h[1] is not None]  # a search run may have no test score
         metric = scored[0][0] if scored else "-"
         values = [v for _, v in scored]
         out.append(
