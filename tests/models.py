@@ -223,3 +223,37 @@ def run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if hasattr(out, field):
             return getattr(out, field)
     return out
+
+
+TINY_WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "on",
+    "mat",
+    "ran",
+    "far",
+    "good",
+    "bad",
+    "yes",
+    "no",
+    "user",
+    "assistant",
+]
+
+
+def tiny_tokenizer(chat_template: str | None = None):
+    """A word-level tokenizer over ``TINY_WORDS`` (ids 3...), built offline; vocabulary fits tiny_llama's 100."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(TINY_WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer

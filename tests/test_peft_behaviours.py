@@ -129,15 +129,54 @@ def test_wrapped_layers_expose_the_layers_attributes() -> None:
         _ = mlp.base_model.lin0.no_such_attribute
 
 
-def test_merging_a_tied_embedding_is_refused_and_changes_nothing() -> None:
+@pytest.mark.parametrize("target", ["wte", "lm_head"])
+def test_merging_into_a_tied_embedding_unties_it_as_hf_peft(target: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = sp.get_peft_model(tiny_gpt2(), sp.LoraConfig(target_modules=[target], init_weights=False)).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    base_logits = _base_logits(model, ids)
+    unmerged = model(input_ids=ids).logits
+    assert not torch.allclose(unmerged, base_logits, atol=1e-3)  # the adapter does something
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is not merged.transformer.wte.weight
+    assert merged.config.tie_word_embeddings is False
+    assert torch.allclose(merged(input_ids=ids).logits, unmerged, atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    reloaded = type(merged).from_pretrained(tmp_path).eval()
+    assert torch.allclose(reloaded(input_ids=ids).logits, unmerged, atol=1e-5)
+
+
+def _base_logits(model: sp.PeftModel, ids: torch.Tensor) -> torch.Tensor:
+    with model.disable_adapter():
+        return model(input_ids=ids).logits
+
+
+def test_a_failed_merge_into_a_tied_embedding_leaves_it_tied() -> None:
     torch.manual_seed(0)
     model = sp.get_peft_model(tiny_gpt2(), sp.LoraConfig(target_modules=["wte"], init_weights=False))
+    with torch.no_grad():
+        model.base_model.transformer.wte.adapters["default"]["lora"].lora_embedding_B[0, 0] = float("inf")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for call in (model.merge_adapter, model.merge_and_unload):
-        with pytest.raises(ValueError, match=r"'transformer.wte'.*shared with lm_head.weight .*tied"):
-            call()
+    with pytest.raises(ValueError, match=r"cannot merge into module 'transformer.wte'.*Nothing was merged"):
+        model.merge_adapter()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.base_model.lm_head.weight is model.base_model.transformer.wte.weight
+    assert model.base_model.config.tie_word_embeddings is True
+
+
+def test_disable_adapter_turns_gradients_off_and_back() -> None:
+    model = two_adapters()
+    model.set_requires_grad("other", requires_grad=False)
+    before = {n: p.requires_grad for n, p in model.named_parameters() if "lora" in n}
+    assert any(before.values()) and not all(before.values())
+    with model.disable_adapter():
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "lora" in n)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+    assert {n: p.requires_grad for n, p in model.named_parameters() if "lora" in n} == before
+    model.disable_adapter_layers()
+    assert not any(p.requires_grad for p in model.parameters())
+    model.enable_adapter_layers()
+    assert {n: p.requires_grad for n, p in model.named_parameters() if "lora" in n} == before
 
 
 def test_merge_and_unload_takes_adapter_names_and_safe_merge() -> None:

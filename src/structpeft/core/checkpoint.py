@@ -54,6 +54,20 @@ def adapter_state_dict(model: PeftModel, adapter: str) -> dict[str, torch.Tensor
     return distributed.full_state(state)  # whole tensors, also from an FSDP2-sharded model
 
 
+def adapter_tensors(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
+    """The live tensors of ``adapter`` (not copies), under their checkpoint keys, to load into in place."""
+    live: dict[str, torch.Tensor] = {}
+    for name, host in model.adapter_hosts():
+        if adapter in host.adapters:
+            for delta in host.adapters[adapter].values():
+                live.update({f"{KEY_PREFIX}{name}.{k}": v for k, v in delta.state_dict(keep_vars=True).items()})
+    for name, module in model.saved_modules():
+        if adapter in module.copies:
+            state = module.copies[adapter].state_dict(keep_vars=True)
+            live.update({f"{KEY_PREFIX}{name}.{k}": v for k, v in state.items()})
+    return live
+
+
 def save_adapter(model: PeftModel, adapter: str, directory: str | os.PathLike) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     if not distributed.is_writer(model):  # sharded: every rank gathered, rank 0 writes

@@ -304,19 +304,23 @@ class PeftModel(nn.Module):
             delattr(module, HOST_ATTRIBUTE)
 
     def _refresh(self) -> None:
-        """Push the active set into every wrapper; only active, trainable adapters get gradients."""
+        """Push the active set into every wrapper; only active, trainable, enabled adapters get gradients."""
         wrappers = [(m, m.adapters) for _, m in self.adapter_hosts()]
         wrappers += [(m, m.copies) for _, m in self.saved_modules()]
         for wrapper, per_adapter in wrappers:
             wrapper.active_adapters = list(self.active_adapters)
             wrapper.disabled = self.adapters_disabled
             for adapter, params in per_adapter.items():
-                params.requires_grad_(adapter in self.active_adapters and adapter not in self.frozen_adapters)
+                # Disabled adapters get no gradient, as in HF PEFT: an optimizer built inside
+                # disable_adapter() or a reference pass (DPO) cannot touch them.
+                trainable = adapter in self.active_adapters and adapter not in self.frozen_adapters
+                params.requires_grad_(trainable and not self.adapters_disabled)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model as it was (no delta, original heads) inside the block; on leaving it, the
-        previous state comes back (so nested blocks, and disable_adapter_layers(), are kept)."""
+        """Run the base model as it was (no delta, original heads) inside the block, with no adapter
+        parameter requiring grad; on leaving it, the previous state comes back (so nested blocks, and
+        disable_adapter_layers(), are kept)."""
         previous = self.adapters_disabled
         self.adapters_disabled = True
         self._refresh()
@@ -405,7 +409,7 @@ class PeftModel(nn.Module):
                 "merged. Pass keep_unmergeable=True to merge the rest and keep these modules adapted."
             )
         hosts = [(n, h) for n, h in self.adapter_hosts() if n not in kept and any(a in h.adapters for a in names)]
-        self._check_untied([(n, h) for n, h in hosts if isinstance(h, AdaptedLayer)])
+        untied = self._untie([h for _, h in hosts if isinstance(h, AdaptedLayer)])
         # A snapshot, not a subtraction (w + Δ - Δ is not w in floating point), kept in CPU memory so
         # that merging a large model on an accelerator does not need twice the memory there.
         snapshot = [(h, h.merged_adapters[:], [t.detach().to("cpu", copy=True) for t in _weights(h)]) for _, h in hosts]
@@ -424,26 +428,32 @@ class PeftModel(nn.Module):
                     for tensor, value in zip(_weights(host), saved):
                         tensor.copy_(value)
                     host.merged_adapters[:] = merged
+            for layer, shared in untied:
+                layer.weight = shared
+            if untied:
+                _set_tie_word_embeddings(self.base_model, True)
             if isinstance(e, ValueError):
                 raise ValueError(f"cannot merge into module {failing!r}: {e}. Nothing was merged.") from e
             raise
         return set(kept)
 
-    def _check_untied(self, hosts: list[tuple[str, AdaptedLayer]]) -> None:
-        """Refuse to merge into a weight that another module shares (tied input and output embeddings):
-        the merge would silently change that module too."""
-        sharing: dict[int, list[str]] = {}
-        for param_name, param in self.base_model.named_parameters(remove_duplicate=False):
-            sharing.setdefault(id(param), []).append(param_name)
-        for name, host in hosts:
-            others = [p for p in sharing.get(id(host.base_layer.weight), []) if not p.startswith(name + ".")]
-            if others:
-                raise ValueError(
-                    f"cannot merge into module {name!r}: its weight is shared with {', '.join(others)} (tied "
-                    "embeddings), which the merge would change too. Nothing was merged. Use the adapter unmerged, "
-                    "or untie first (give the other module its own copy of the weight and set "
-                    "config.tie_word_embeddings=False)"
-                )
+    def _untie(self, hosts: list[AdaptedLayer]) -> list[tuple[nn.Module, nn.Parameter]]:
+        """Give each host whose weight another module shares (tied input and output embeddings) its own
+        copy, so a merge changes that module alone and merged equals unmerged, as HF PEFT does; the model's
+        config then says the embeddings are no longer tied, so a save and reload keeps both. Returns
+        ``[(layer, the shared weight)]`` to put back if the merge fails."""
+        sharing: dict[int, int] = {}
+        for _, param in self.base_model.named_parameters(remove_duplicate=False):
+            sharing[id(param)] = sharing.get(id(param), 0) + 1
+        untied = []
+        for host in hosts:
+            layer = host.base_layer
+            if sharing.get(id(layer.weight), 1) > 1:
+                untied.append((layer, layer.weight))
+                layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+        if untied:
+            _set_tie_word_embeddings(self.base_model, False)
+        return untied
 
     def unmerge_adapter(self) -> None:
         for _, host in self.adapter_hosts():
@@ -528,6 +538,24 @@ class PeftModel(nn.Module):
         if not is_trainable:
             self.eval()
 
+    def load_adapter_weights(self, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> None:
+        """Fill the existing adapter ``adapter_name`` with the tensors saved at ``path`` (a trainer resuming, or
+        reloading its best checkpoint). The saved config must describe the same adapter; every key and shape is
+        checked before anything is written."""
+        self._check_exists([adapter_name])
+        _, tensors = checkpoint.read_adapter(path)
+        live = checkpoint.adapter_tensors(self, adapter_name)
+        missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+        wrong = sorted(k for k in set(live) & set(tensors) if tensors[k].shape != live[k].shape)
+        if missing or unexpected or wrong:
+            raise checkpoint.CheckpointError(
+                f"adapter at {path} is not the adapter {adapter_name!r} of this model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}); the model is unchanged"
+            )
+        with torch.no_grad():
+            for key, tensor in live.items():
+                tensor.copy_(tensors[key])
+
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False
@@ -544,6 +572,17 @@ def _weights(host: AdapterHost) -> list[torch.Tensor]:
     if not isinstance(host, AdaptedLayer):
         return []
     return [t for t in (host.base_layer.weight, getattr(host.base_layer, "bias", None)) if t is not None]
+
+
+def _set_tie_word_embeddings(model: nn.Module, tied: bool) -> None:
+    """Record on a transformers model's config (and its text config) whether its embeddings are tied."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "tie_word_embeddings"):
+        return
+    config.tie_word_embeddings = tied
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if hasattr(text_config, "tie_word_embeddings"):
+        text_config.tie_word_embeddings = tied
 
 
 def _check_not_adapted(model: nn.Module) -> None:

@@ -1,0 +1,89 @@
+"""transformers' ``Trainer`` with adapter checkpoints in structpeft's layout.
+
+The stock ``Trainer`` knows how to checkpoint a ``PreTrainedModel`` or an HF PEFT model; any other module it
+saves as one safetensors state dict, which refuses tied embeddings ("Some tensors share memory"), holds the
+whole frozen base, and cannot be resumed or reloaded as an adapter. :class:`AdapterCheckpoints` replaces the
+three places the ``Trainer`` writes and reads model weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.utils import can_return_loss, find_labels
+
+from structpeft.core.checkpoint import CONFIG_NAME
+from structpeft.core.model import DEFAULT_ADAPTER, PeftModel
+
+TRAINING_ARGS_NAME = "training_args.bin"  # the name transformers' Trainer gives its pickled arguments
+
+
+def adapter_folder(checkpoint: str | os.PathLike, adapter: str) -> Path:
+    """Where ``save_pretrained`` puts ``adapter`` inside ``checkpoint`` (HF PEFT's layout)."""
+    return Path(checkpoint) if adapter == DEFAULT_ADAPTER else Path(checkpoint) / adapter
+
+
+class AdapterCheckpoints:
+    """Mixin for a ``transformers.Trainer`` subclass training a :class:`~structpeft.PeftModel`.
+
+    Every checkpoint folder (``checkpoint-N``, ``save_model()``) holds the adapters as ``save_pretrained``
+    writes them; ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` load them back into the
+    model in place. The frozen base model is never written.
+    """
+
+    adapter_model: PeftModel
+
+    def _keep_adapter_model(self, model: Any) -> PeftModel:
+        if not isinstance(model, PeftModel):
+            raise TypeError(
+                f"{type(self).__name__} trains a structpeft model: pass model=sp.get_peft_model(base, config), "
+                f"not a {type(model).__name__}"
+            )
+        self.adapter_model = model
+        return model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        del state_dict  # the adapters are read from the model, as save_pretrained does
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.adapter_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_adapters(self, checkpoint: str | os.PathLike) -> None:
+        for adapter in self.adapter_model.peft_config:
+            folder = adapter_folder(checkpoint, adapter)
+            if not (folder / CONFIG_NAME).is_file():
+                raise FileNotFoundError(
+                    f"{checkpoint} holds no saved adapter {adapter!r} (no {folder / CONFIG_NAME}); was it written by "
+                    "a structpeft trainer?"
+                )
+            self.adapter_model.load_adapter_weights(folder, adapter)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        del model
+        self._load_adapters(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_adapters(self.state.best_model_checkpoint)
+
+
+class Trainer(AdapterCheckpoints, transformers.Trainer):
+    """``transformers.Trainer`` for a :class:`~structpeft.PeftModel`, with adapter checkpoints."""
+
+    def __init__(self, model: PeftModel, *args: Any, **kwargs: Any) -> None:
+        super().__init__(self._keep_adapter_model(model), *args, **kwargs)
+        # The Trainer reads which inputs are labels, and whether the model returns a loss, off the model's
+        # class; the wrapper forwards any keyword, so ask the transformers class under it.
+        base_class = type(model.get_base_model())
+        if self.args.label_names is None:
+            self.label_names = find_labels(base_class)
+        self.can_return_loss = can_return_loss(base_class)
