@@ -268,7 +268,7 @@ def bad_inputs(assets: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]
     bert, csv = str(assets["bert"]), str(assets["csv"])
     return [
         (["--model", "/nonexistent/model"], "no such folder"),
-        (["--model", str(tmp / "file.txt")], "not a file"),
+        (["--model", str(tmp / "file.txt")], "must be a GGUF"),
         (["--model", bert, "--task", "imagenet-21k"], "unknown task 'imagenet-21k'"),
         (["--model", bert, "--task", str(tmp / "empty")], "no images found"),
         (["--model", bert, "--task", str(tmp / "odd.csv")], "columns: body, stars"),

@@ -45,7 +45,14 @@ def save_text_encoder(folder: Path, dropout: float = 0.1) -> Path:
     return folder
 
 
-def save_decoder(folder: Path, kind: str) -> Path:
+# Roles as words of the fixtures' vocabulary; the end of a turn is the tokenizer's EOS.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ 'bot' if m['role'] == 'assistant' else 'user' }} : {{ m['content'] }} <eos> "
+    "{% endfor %}{% if add_generation_prompt %}bot : {% endif %}"
+)
+
+
+def save_decoder(folder: Path, kind: str, chat_template: str | None = None) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -56,7 +63,10 @@ def save_decoder(folder: Path, kind: str) -> Path:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)
-    make_tokenizer(folder)
+    tokenizer = make_tokenizer(folder)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -102,6 +112,20 @@ def completions(n: int) -> list[dict]:
     for _ in range(n):
         word = rng.choice(POSITIVE + NEGATIVE)
         rows.append({"prompt": f"user : {word} film", "completion": "good" if word in POSITIVE else "bad"})
+    return rows
+
+
+def conversations(n: int) -> list[dict]:
+    """Chat rows: a review and the bot's one-word verdict, some with a second exchange."""
+    rng = random.Random(1)
+    rows = []
+    for i in range(n):
+        word = rng.choice(POSITIVE + NEGATIVE)
+        verdict = "good" if word in POSITIVE else "bad"
+        messages = [{"role": "user", "content": f"{word} film"}, {"role": "assistant", "content": verdict}]
+        if i % 3 == 0:
+            messages += [{"role": "user", "content": "very"}, {"role": "assistant", "content": f"very {verdict}"}]
+        rows.append({"messages": messages})
     return rows
 
 

@@ -33,8 +33,12 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def _finetune_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="minilm", help="a preset (minilm, mobilenet_v2, efficientnet_lite0, "
-                   "dinov2_small), a local HF model folder, or a hub id")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default="minilm",
+        help="a preset (minilm, mobilenet_v2, efficientnet_lite0, dinov2_small, smollm2-135m, gemma3-270m), "
+        "a local HF model folder, a GGUF file, or a hub id",
+    )
     p.add_argument("--task", default="rotten-tomatoes", help="a preset (rotten-tomatoes, fashion-mnist, mnist-5k), "
                    "a CSV / JSONL / Parquet file, an image folder, or a save_to_disk folder")  # fmt: skip
     p.add_argument("--method", default="lora", help=f"one of {', '.join(recipes.method_names())}, or several "
@@ -87,6 +91,13 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
         help="write a training checkpoint (weights, optimizer, RNG, data position) every STEPS steps",
     )
     p.add_argument("--resume", action="store_true", help="go on from the checkpoint in --out")
+    p.add_argument(
+        "--chat-template",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="causal LM: render prompt/completion rows with the tokenizer's chat template (auto: when it has one); "
+        "chat rows ('messages') always use it",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -121,6 +132,8 @@ def make_parser() -> argparse.ArgumentParser:
     ge.add_argument("--adapter", required=True)
     ge.add_argument("--prompt", required=True)
     ge.add_argument("--max-new-tokens", type=int, default=64)
+    ge.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled")
+    ge.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     ge.add_argument("--device", default=None)
     be = sub.add_parser("bench", help="head-to-head suites: every method and the references, lr chosen on validation")
     be.add_argument("--suite", choices=("text", "conv", "vit", "speed", "all"), default="all")
@@ -171,7 +184,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     elif args.command == "generate":
         if args.max_new_tokens < 1:
             raise run.UsageError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-        print(run.generate(Path(args.adapter), args.prompt, args.max_new_tokens, args.device))
+        if not args.temperature >= 0 or not 0 < args.top_p <= 1:
+            raise run.UsageError(
+                f"--temperature must be >= 0 and --top-p in (0, 1]; got {args.temperature} and {args.top_p}"
+            )
+        text = run.generate(
+            Path(args.adapter), args.prompt, args.max_new_tokens, args.device, args.temperature, args.top_p
+        )
+        print(text)
     elif args.command == "export":
         run.export(Path(args.adapter), Path(args.out), args.rank, args.energy, args.uniform_rank, args.lora_bias)
     elif args.command == "budget":

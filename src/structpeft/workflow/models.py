@@ -1,4 +1,4 @@
-"""Models for a task: offline presets, local HF folders and hub ids, each with its new head found.
+"""Models for a task: offline presets, local HF folders, GGUF files and hub ids, each with its new head found.
 
 The head (the module a classification task trains from scratch, kept whole as ``modules_to_save``)
 comes from the model: for transformers models it is what ``from_pretrained`` reports as newly
@@ -8,6 +8,7 @@ initialised; for the plain-torch presets the preset names it.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,46 @@ def _dinov2_small(task: Task) -> LoadedModel:
     return LoadedModel(model, "dinov2_small", "vit", ["classifier"], image_size=112)
 
 
+def _gguf_decoder(ref: str, locate: Callable[[], Path]) -> Callable[[Task], LoadedModel]:
+    def build(task: Task) -> LoadedModel:
+        loaded = _gguf_model(locate(), task)
+        loaded.ref = ref
+        return loaded
+
+    return build
+
+
+def _smollm2_path() -> Path:
+    from structpeft.zoo.gguf import SMOLLM2_135M
+
+    return SMOLLM2_135M.path()
+
+
+def _gemma3_path() -> Path:
+    from structpeft.zoo.gguf import gemma3_270m_path
+
+    return gemma3_270m_path()
+
+
+def _gguf_model(path: Path, task: Task) -> LoadedModel:
+    """A GGUF decoder, converted to a float checkpoint once (cached by the file's content) and loaded from it."""
+    from structpeft.zoo.assets import offline_hub
+    from structpeft.zoo.gguf import cache_folder, convert_gguf, is_converted
+
+    if task.kind != "causal-lm":
+        raise ModelError(f"{path}: a GGUF file holds a decoder LLM, for causal-lm tasks; {task.name} is {task.kind}")
+    offline_hub()
+    folder = cache_folder(path)
+    if not is_converted(folder):
+        print(f"model: {path.name}: converting the GGUF to float (once per file)...", file=sys.stderr, flush=True)
+    converted = convert_gguf(path, folder)
+    how = "converted and cached in" if converted.converted_now else "read from the cache"
+    print(f"model: {path.name}: {how} {converted.folder}", file=sys.stderr, flush=True)
+    loaded = _transformers_model(str(converted.folder), task)
+    loaded.ref = str(path)
+    return loaded
+
+
 PRESETS: dict[str, Preset] = {
     "minilm": Preset("text-classification", _minilm, "all-MiniLM-L6-v2, a 6-layer BERT (22.7M)"),
     "mobilenet_v2": Preset(
@@ -108,6 +149,12 @@ PRESETS: dict[str, Preset] = {
         "image-classification", _torch_convnet("efficientnet_lite0", _efficientnet_lite0, "_fc"), "EfficientNet-Lite0"
     ),
     "dinov2_small": Preset("image-classification", _dinov2_small, "DINOv2-S/14 ViT (22.1M, 6 heads)"),
+    "smollm2-135m": Preset(
+        "causal-lm", _gguf_decoder("smollm2-135m", _smollm2_path), "SmolLM2-135M-Instruct (LLaMA, 30 layers, GGUF)"
+    ),
+    "gemma3-270m": Preset(
+        "causal-lm", _gguf_decoder("gemma3-270m", _gemma3_path), "Gemma 3 270M base (18 layers, GGUF)"
+    ),
 }
 
 
@@ -120,20 +167,30 @@ def check_model_ref(ref: str) -> None:
         if not (path / "config.json").is_file():
             raise ModelError(f"{ref}: a model folder needs a config.json (a folder saved with save_pretrained)")
         return
+    if path.is_file():
+        from structpeft.zoo.gguf import is_gguf
+
+        if not is_gguf(path):
+            raise ModelError(
+                f"{ref}: a model file must be a GGUF (.gguf); otherwise give a preset, a folder or a hub id"
+            )
+        return
     if path.exists():
-        raise ModelError(f"{ref}: a model is a preset, a folder or a hub id, not a file")
+        raise ModelError(f"{ref}: a model is a preset, a folder, a GGUF file or a hub id")
     if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
         raise ModelError(f"unknown model {ref!r}: not a preset ({', '.join(PRESETS)}) and no such folder")
 
 
 def load_model(ref: str, task: Task) -> LoadedModel:
-    """``ref`` (a preset, a local HF folder or a hub id) ready for ``task``, with a new head."""
+    """``ref`` (a preset, a local HF folder, a GGUF file or a hub id) ready for ``task``, with a new head."""
     check_model_ref(ref)
     if ref in PRESETS:
         preset = PRESETS[ref]
         if preset.kind != task.kind:
             raise ModelError(f"the preset {ref} is for {preset.kind}, and {task.name} is a {task.kind} task")
         return preset.load(task)
+    if Path(ref).expanduser().is_file():
+        return _gguf_model(Path(ref).expanduser(), task)
     return _transformers_model(ref, task)
 
 

@@ -8,8 +8,10 @@ A run's folder holds ``run.json`` (the spec, written first), the adapter in HF P
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
 import math
 import platform
 import shlex
@@ -25,9 +27,9 @@ from torch import nn
 import structpeft as sp
 from structpeft.workflow import recipes, results
 from structpeft.workflow.checkpointing import CHECKPOINT_DIR
-from structpeft.workflow.distributed import launched_processes
+from structpeft.workflow.distributed import Processes, launched_processes
 from structpeft.workflow.models import LoadedModel, check_model_ref, load_model
-from structpeft.workflow.tasks import TASK_TYPES, Task, check_task_ref, load_task
+from structpeft.workflow.tasks import TASK_TYPES, Task, check_task_ref, load_task, prompt_ids
 from structpeft.workflow.train import (
     RunLog,
     TrainSettings,
@@ -81,6 +83,7 @@ class RunSpec:
     save_every: int | None = None  # optimizer steps between training checkpoints (and each epoch's end)
     resume: bool = False
     score_test: bool = True  # False: the test split is left for later (the bench's lr-search runs)
+    chat_template: str = "auto"  # causal LM: auto (when the tokenizer has one), on, off
 
 
 def check_spec(spec: RunSpec) -> None:
@@ -108,6 +111,10 @@ def check_spec(spec: RunSpec) -> None:
     if spec.task_type is not None and spec.task_type not in TASK_TYPES:
         raise UsageError(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {spec.task_type!r}")
     checked_device(spec.device)
+    if spec.chat_template not in CHAT_TEMPLATE_CHOICES:
+        raise UsageError(
+            f"--chat-template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {spec.chat_template!r}"
+        )
     if spec.bf16 and spec.device == "cpu" and not torch.cpu._is_avx512_bf16_supported():
         print("note: --bf16 on a CPU without native bf16 runs in emulation (slower than fp32)", file=sys.stderr)
     if spec.out is not None and Path(spec.out).exists() and not Path(spec.out).is_dir():
@@ -120,6 +127,34 @@ def check_spec(spec: RunSpec) -> None:
             check()
         except ValueError as e:
             raise UsageError(str(e)) from e
+
+
+CHAT_TEMPLATE_CHOICES = ("auto", "on", "off")
+
+
+def uses_chat_template(choice: str, loaded: LoadedModel, task: Task) -> bool:
+    """Whether a causal-LM run renders its rows with the tokenizer's chat template: chat rows always (and need
+    one); prompt/completion rows with ``on``, or ``auto`` when the tokenizer has a template; text rows never."""
+    if task.kind != "causal-lm":
+        return False
+    has_template = bool(getattr(loaded.tokenizer, "chat_template", None))
+    fields = set(task.source.get("fields", ()))
+    if "messages" in fields:
+        if choice == "off":
+            raise UsageError(f"--chat-template off: {task.name} holds chat rows ('messages'), which need the template")
+        if not has_template:
+            raise UsageError(
+                f"{task.name} holds chat rows ('messages') and {loaded.ref}'s tokenizer has no chat template: "
+                "use a model with one, or give prompt/completion rows"
+            )
+        return True
+    if choice == "on":
+        if "completion" not in fields:
+            raise UsageError(f"--chat-template on needs prompt/completion or messages rows; {task.name} has text rows")
+        if not has_template:
+            raise UsageError(f"--chat-template on: {loaded.ref}'s tokenizer has no chat template")
+        return True
+    return choice == "auto" and has_template and "completion" in fields
 
 
 def _load(spec: RunSpec) -> tuple[Task, LoadedModel]:
@@ -183,6 +218,7 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     recipe = recipes.build_recipe(spec.method, loaded.family, spec.settings, loaded.model, loaded.head)
     model = recipe.adapt(loaded.model, loaded.head)
     settings = _settings(spec, recipe)
+    settings.chat = uses_chat_template(spec.chat_template, loaded, task)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = Path(spec.out or f"runs/{Path(spec.model).name}-{task.name}-{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     device = resolve_device(spec.device, processes)
@@ -208,11 +244,17 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
         "versions": _versions(), "command": shlex.join(command) if command is not None else None,
         "spec": dataclasses.asdict(spec),
     }  # fmt: skip
+    if task.kind == "causal-lm" and spec.resume and (earlier := _earlier_base_validation(out)):
+        row["base_val"] = earlier
     if processes.is_main:
         results.write_json(out / results.RUN_FILE, row)
     log = RunLog()
     peak_reset = reset_peak_memory(device)  # the peak of this run, not of the process
     try:
+        if task.kind == "causal-lm" and "base_val" not in row:
+            row["base_val"] = _base_validation(model, loaded, task, settings, processes)
+            if processes.is_main:
+                results.write_json(out / results.RUN_FILE, row)
         fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out),
             checkpoint=out / CHECKPOINT_DIR, save_every=spec.save_every,
             resume=spec.resume, processes=processes)  # fmt: skip
@@ -238,6 +280,8 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     results.append_result(Path(spec.results), {**row, "out": str(out)})
     metric, value = results.headline(row)
     scored = f"test {metric} {value:.2f}" if value is not None else "test not scored"
+    if "base_val" in row and log.best_val:
+        scored = f"val loss {row['base_val']['loss']:.4f} before training -> {log.best_val['loss']:.4f} | {scored}"
     print(
         f"{scored} (epoch {log.best_epoch}, best on validation) | trainable {trainable:,} | "
         f"train {log.train_seconds:.0f}s | {out}",
@@ -246,12 +290,32 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     return row
 
 
+def _base_validation(
+    model: nn.Module, loaded: LoadedModel, task: Task, settings: TrainSettings, processes: Processes
+) -> dict[str, float]:
+    """The validation scores of the model before its first step (the base model: adapters off), so every
+    causal-LM run says what training changed."""
+    show = processes.is_main and bar_mode(settings.progress) == "bar"
+    context = model.disable_adapter() if isinstance(model, sp.PeftModel) else contextlib.nullcontext()
+    with context:
+        scores = evaluate(model, loaded, task, "val", settings, progress=show, processes=processes)
+    if processes.is_main:
+        print(f"base model before training: val loss {scores['loss']:.4f}", flush=True)
+    return scores
+
+
+def _earlier_base_validation(out: Path) -> dict[str, float] | None:
+    """What the interrupted start of a resumed run measured before its first step."""
+    path = out / results.RUN_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("base_val")
+
+
 def _spec_of(run_dir: Path) -> RunSpec:
     path = run_dir / results.RUN_FILE
     if not path.is_file():
         raise UsageError(f"{run_dir}: no {results.RUN_FILE}; give a folder written by structpeft finetune")
-    import json
-
     saved = json.loads(path.read_text(encoding="utf-8"))["spec"]
     known = {f.name for f in dataclasses.fields(RunSpec)}
     return RunSpec(**{k: v for k, v in saved.items() if k in known})
@@ -296,7 +360,16 @@ def evaluate_run(run_dir: Path, task_ref: str | None = None, split: str = "test"
     return scores
 
 
-def generate(run_dir: Path, prompt: str, max_new_tokens: int = 64, device: str | None = None) -> str:
+def generate(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    device: str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> str:
+    """The run's model completing ``prompt``, through the chat template when the run trained with it;
+    greedy at ``temperature`` 0, else sampled (nucleus ``top_p``)."""
     spec = _spec_of(run_dir)
     if device is not None:
         spec.device = device
@@ -305,12 +378,20 @@ def generate(run_dir: Path, prompt: str, max_new_tokens: int = 64, device: str |
     task, loaded = _load(spec)
     if task.kind != "causal-lm":
         raise UsageError(f"{run_dir} was trained on a {task.kind} task; generate needs a causal-LM run")
-    model = restore(run_dir, spec, task, loaded).to(resolve_device(spec.device)).eval()
-    inputs = loaded.tokenizer(prompt, return_tensors="pt").to(resolve_device(spec.device))
+    device_ = resolve_device(spec.device)
+    model = restore(run_dir, spec, task, loaded).to(device_).eval()
+    chat = uses_chat_template(spec.chat_template, loaded, task)
+    input_ids = torch.tensor([prompt_ids(loaded.tokenizer, prompt, chat)], device=device_)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
     with torch.no_grad():
-        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=loaded.tokenizer.pad_token_id)  # fmt: skip
-    return loaded.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ids = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=loaded.tokenizer.pad_token_id,
+            **({"do_sample": False} | sampling),
+        )
+    return loaded.tokenizer.decode(ids[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def export(run_dir: Path, out: Path, rank: int | None, energy: float | None, uniform_rank: bool, lora_bias: bool):

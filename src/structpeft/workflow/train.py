@@ -53,6 +53,7 @@ class TrainSettings:
     compile: bool = False
     eval_batch_size: int = 64
     progress: str = "auto"  # auto (a bar on a terminal, a line per epoch otherwise), bar, lines, none
+    chat: bool = False  # causal LM: prompt/completion rows through the tokenizer's chat template
 
 
 @dataclass
@@ -99,7 +100,7 @@ def collate_fn(task: Task, loaded: LoadedModel, settings: TrainSettings) -> Call
         return lambda examples: collate_images(examples, size, loaded.image_mean, loaded.image_std)
     tokenizer = loaded.tokenizer
     if task.kind == "causal-lm":
-        return lambda examples: collate_causal_lm(examples, tokenizer, settings.max_length)
+        return lambda examples: collate_causal_lm(examples, tokenizer, settings.max_length, settings.chat)
 
     def collate_text(examples: list[dict]) -> dict[str, torch.Tensor]:
         texts = [e["text"] for e in examples]

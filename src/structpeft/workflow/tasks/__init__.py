@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from structpeft.workflow.tasks.base import CLASSIFICATION, Task, TaskError, TaskKind, carve, make_task, subsample
-from structpeft.workflow.tasks.causal_lm import IGNORE_INDEX, causal_lm, collate_causal_lm
+from structpeft.workflow.tasks.causal_lm import IGNORE_INDEX, causal_lm, collate_causal_lm, prompt_ids
 from structpeft.workflow.tasks.images import collate_images, fashion_mnist, image_folder, is_image_folder, mnist_5k
 from structpeft.workflow.tasks.tables import (
     LABEL_COLUMNS,
@@ -35,6 +35,7 @@ __all__ = [
     "collate_images",
     "load_task",
     "make_task",
+    "prompt_ids",
     "subsample",
 ]
 

@@ -1,0 +1,144 @@
+"""Decoder LLMs in the workflow, on tiny models made here: chat rows with the loss on the assistant's turns,
+prompt/completion rows through the chat template, the base model's validation loss beside the final one,
+generation through the template, GGUF files as models (converted once, cached by content)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from structpeft.workflow.cli import main
+from tests import workflow_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("llm")
+    return {
+        "llama": fx.save_decoder(root / "llama", "llama", chat_template=fx.CHAT_TEMPLATE),
+        "plain": fx.save_decoder(root / "plain", "llama"),  # no chat template
+        "chat": fx.write_jsonl(root / "chat.jsonl", fx.conversations(48)),
+        "completions": fx.write_jsonl(root / "completions.jsonl", fx.completions(40)),
+        "text": fx.write_jsonl(root / "text.jsonl", [{"text": "the film was good"}] * 20),
+    }
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_chat_rows_train_on_the_assistant_turns_only(assets) -> None:
+    from structpeft.workflow.tasks import IGNORE_INDEX, collate_causal_lm
+
+    tokenizer = _tokenizer(assets["llama"])
+    messages = [
+        {"role": "user", "content": "good film"},
+        {"role": "assistant", "content": "good"},
+        {"role": "user", "content": "very"},
+        {"role": "assistant", "content": "very good"},
+    ]
+    batch = collate_causal_lm([{"messages": messages}], tokenizer, 64)
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]  # the template's text, whole
+    trained = [tokenizer.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert trained == ["good", "<eos>", "very", "good", "<eos>"]  # each answer and its end of turn
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+
+
+def test_prompt_completion_rows_go_through_the_template_when_asked(assets) -> None:
+    from structpeft.workflow.tasks import IGNORE_INDEX, collate_causal_lm
+
+    tokenizer = _tokenizer(assets["llama"])
+    row = {"prompt": "good film", "completion": "good"}
+    chat = collate_causal_lm([row], tokenizer, 64, chat=True)
+    tokens = tokenizer.convert_ids_to_tokens(chat["input_ids"][0].tolist())
+    assert tokens == ["user", ":", "good", "film", "<eos>", "bot", ":", "good", "<eos>"]
+    kept = [t for t, label in zip(tokens, chat["labels"][0].tolist()) if label != IGNORE_INDEX]
+    assert kept == ["good", "<eos>"]
+    plain = collate_causal_lm([row], tokenizer, 64, chat=False)
+    assert "bot" not in tokenizer.convert_ids_to_tokens(plain["input_ids"][0].tolist())
+
+
+def test_chat_rows_are_checked_when_read(tmp_path) -> None:
+    from structpeft.workflow.tasks import TaskError, load_task
+
+    cases = {
+        "no 'assistant' turn": [{"role": "user", "content": "good"}],
+        "role' and 'content": [{"role": "user"}],
+        "must open with a user or system turn": [{"role": "assistant", "content": "good"}],
+    }
+    for message, messages in cases.items():
+        path = fx.write_jsonl(tmp_path / "bad.jsonl", [{"messages": messages}] * 12)
+        with pytest.raises(TaskError, match=message):
+            load_task(str(path), val_size=2)
+
+
+@pytest.mark.parametrize(
+    ("model", "task", "choice", "expected"),
+    [
+        ("llama", "completions", "auto", True),
+        ("plain", "completions", "auto", False),
+        ("llama", "completions", "off", False),
+        ("llama", "chat", "auto", True),
+        ("llama", "text", "auto", False),
+        ("llama", "chat", "off", "need the template"),
+        ("plain", "chat", "auto", "has no chat template"),
+        ("llama", "text", "on", "needs prompt/completion or messages rows"),
+        ("plain", "completions", "on", "has no chat template"),
+    ],
+)
+def test_which_runs_use_the_chat_template(assets, model, task, choice, expected) -> None:
+    from structpeft.workflow.models import load_model
+    from structpeft.workflow.run import UsageError, uses_chat_template
+    from structpeft.workflow.tasks import load_task
+
+    loaded_task = load_task(str(assets[task]), val_size=4)
+    loaded = load_model(str(assets[model]), loaded_task)
+    if isinstance(expected, bool):
+        assert uses_chat_template(choice, loaded, loaded_task) is expected
+    else:
+        with pytest.raises(UsageError, match=expected):
+            uses_chat_template(choice, loaded, loaded_task)
+
+
+def _finetune(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "run"
+    defaults = ["--epochs", "3", "--batch-size", "8", "--val-size", "8", "--quiet", "--out", str(out),
+                "--results", str(tmp_path / "results.jsonl"), "--lr", "0.01"]  # fmt: skip
+    assert main(["finetune", *defaults, *args]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_a_chat_run_reports_the_base_models_validation_loss_and_generates_through_the_template(
+    assets, tmp_path, capsys
+) -> None:
+    metrics = _finetune(tmp_path, "--model", str(assets["llama"]), "--task", str(assets["chat"]))
+    base, best = metrics["base_val"]["loss"], metrics["val"]["loss"]
+    assert best < base  # it learnt the verdicts
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["base_val"] == metrics["base_val"]
+    out = capsys.readouterr().out
+    assert f"base model before training: val loss {base:.4f}" in out
+    assert f"val loss {base:.4f} before training -> {best:.4f}" in out
+    args = ["generate", "--adapter", str(tmp_path / "run"), "--prompt", "good film", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    words = capsys.readouterr().out.split()
+    assert words and words[0] in ("good", "bad")  # the answer, not the prompt's continuation
+    assert main([*args, "--temperature", "0.7", "--top-p", "0.9"]) == 0
+    assert main([*args, "--temperature", "-1"]) == 2
+
+
+def test_a_resumed_run_keeps_the_base_loss_its_first_start_measured(assets, tmp_path, monkeypatch) -> None:
+    from structpeft.workflow import run as run_module
+
+    first = _finetune(tmp_path, "--model", str(assets["llama"]), "--task", str(assets["chat"]), "--save-every", "2")
+    calls = []
+    monkeypatch.setattr(run_module, "_base_validation", lambda *a: calls.append(a) or {"loss": -1.0})
+    again = _finetune(
+        tmp_path, "--model", str(assets["llama"]), "--task", str(assets["chat"]), "--save-every", "2", "--resume"
+    )
+    assert not calls and again["base_val"] == first["base_val"]
