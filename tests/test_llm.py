@@ -142,3 +142,41 @@ def test_a_resumed_run_keeps_the_base_loss_its_first_start_measured(assets, tmp_
         tmp_path, "--model", str(assets["llama"]), "--task", str(assets["chat"]), "--save-every", "2", "--resume"
     )
     assert not calls and again["base_val"] == first["base_val"]
+
+
+# -- GGUF files ---------------------------------------------------------------------------------------
+def test_a_gguf_file_converts_once_to_the_float_model_it_holds(tmp_path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from structpeft.zoo.gguf import cache_folder, convert_gguf
+    from tests.gguf_files import tiny_llama_for_gguf, write_llama_gguf
+
+    pytest.importorskip("gguf")
+    original = tiny_llama_for_gguf(tie=True)
+    path = write_llama_gguf(original, tmp_path / "tiny.gguf")
+    first = convert_gguf(path, cache_folder(path, tmp_path / "cache"))
+    again = convert_gguf(path, cache_folder(path, tmp_path / "cache"))
+    assert first.converted_now and not again.converted_now and first.folder == again.folder
+    model = AutoModelForCausalLM.from_pretrained(first.folder).eval()
+    assert not hasattr(model.config, "quantization_config") and not getattr(model, "is_quantized", False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, original(ids).logits, atol=1e-5)  # q/k rows un-permuted
+    other = write_llama_gguf(tiny_llama_for_gguf(tie=False), tmp_path / "other" / "tiny.gguf")
+    assert cache_folder(other, tmp_path / "cache") != first.folder  # keyed by content, not by name
+
+
+def test_finetune_takes_a_gguf_file_with_its_tokenizer_and_chat_template(tmp_path, capsys, monkeypatch) -> None:
+    from tests.gguf_files import tiny_llama_for_gguf, write_llama_gguf
+
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("STRUCTPEFT_CACHE", str(tmp_path / "cache"))
+    path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
+    chat = fx.write_jsonl(tmp_path / "chat.jsonl", fx.conversations(24))
+    metrics = _finetune(tmp_path, "--model", str(path), "--task", str(chat), "--epochs", "1")
+    assert metrics["model"] == str(path) and metrics["family"] == "decoder" and "base_val" in metrics
+    assert "converted and cached in" in capsys.readouterr().err
+    _finetune(tmp_path / "again", "--model", str(path), "--task", str(chat), "--epochs", "1")
+    assert "read from the cache" in capsys.readouterr().err
