@@ -144,7 +144,7 @@ def make_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     be.add_argument("--rounds", type=int, default=None, help="speed suite: interleaved timed steps (default 20)")
     be.add_argument("--sections", default=None, help="speed suite: a comma list of text, conv, surm, attention, "
-                    "compile, products (default: all)")  # fmt: skip
+                    "compile, decoder, products (default: all)")  # fmt: skip
     return parser
 
 

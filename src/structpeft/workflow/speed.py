@@ -11,6 +11,8 @@ Each section builds its candidates on one device, interleaves their training ste
 - ``attention``: Coeff-Tuning, Coeff + LoRA and Kernel-mix vs the frozen base and LoRA on MiniLM,
   DINOv2-S (random pixels: step time does not depend on them) and a Mistral-style decoder.
 - ``compile``: ``torch.compile`` vs eager for LoRA, FLoRA and Coeff + LoRA on MiniLM.
+- ``decoder``: every method vs HF PEFT LoRA on a real decoder LLM (SmolLM2-135M-Instruct), batch 4 x 128
+  tokens, on its seven projections (Kernel-mix on its attention blocks).
 
 Memory is the CUDA allocator's peak over one step on a GPU, else the activations autograd saves.
 """
@@ -60,6 +62,8 @@ class Scale:
     conv_batch: int = 32
     conv_pixels: int = 112
     decoder_tokens: int = 256
+    llm_batch: int = 4
+    llm_tokens: int = 128
     product_sizes: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
     product_vectors: int = 2048
     compile_backend: str = "inductor"
@@ -68,6 +72,7 @@ class Scale:
 
 QUICK = Scale(
     rounds=1, warmup=1, text_batch=4, vit_batch=1, vit_pixels=56, conv_batch=2, conv_pixels=32, decoder_tokens=32,
+    llm_batch=1, llm_tokens=16,
     product_sizes=(256,), product_vectors=64, compile_backend="aot_eager", quick=True,
 )  # fmt: skip
 
@@ -153,6 +158,19 @@ def mistral(device: torch.device, scale: Scale, batch: int = 4) -> Workload:
     base = MistralForCausalLM(MistralConfig(**MISTRAL))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, MISTRAL["vocab_size"], (batch, scale.decoder_tokens), generator=g).to(device)
+    return Workload(base, lambda model: model(input_ids=ids, labels=ids).loss, device, "model.embed_tokens")
+
+
+def smollm2(device: torch.device, scale: Scale) -> Workload:
+    """SmolLM2-135M-Instruct from its GGUF (converted once, cached), on a fixed batch of random token ids:
+    a step's cost does not depend on which tokens they are."""
+    from transformers import AutoModelForCausalLM
+
+    from structpeft.zoo.gguf import SMOLLM2_135M, convert_gguf
+
+    base = AutoModelForCausalLM.from_pretrained(convert_gguf(SMOLLM2_135M.path()).folder, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (scale.llm_batch, scale.llm_tokens), generator=g).to(device)
     return Workload(base, lambda model: model(input_ids=ids, labels=ids).loss, device, "model.embed_tokens")
 
 
@@ -321,12 +339,43 @@ def compile_section(device: torch.device, scale: Scale) -> Iterator[Section]:
     yield Section(title, candidates, ratios)
 
 
+DECODER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def decoder_section(device: torch.device, scale: Scale) -> Iterator[Section]:
+    import peft
+
+    title = f"SmolLM2-135M-Instruct, batch {scale.llm_batch} x {scale.llm_tokens} tokens, seven projections"
+    try:
+        work = smollm2(device, scale)
+    except (FileNotFoundError, ImportError) as e:  # the model's package (or gguf) is not installed
+        yield Section(title, [], [], skipped=str(e))
+        return
+    lora = lambda: sp.LoraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)  # noqa: E731
+    reference = "hf-peft lora r=8"
+    yield Section(title, [
+        work.adapted(reference, peft.LoraConfig(r=8, lora_alpha=16, target_modules=DECODER_TARGETS)),
+        work.adapted("lora r=8", lora()),
+        work.adapted("flora r=8", sp.FloraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)),
+        work.adapted("kernel-mix (1,2,2,4)", sp.KernelMixConfig()),
+        work.adapted("coeff + lora r=8", [sp.CoeffConfig(), lora()], "sdpa"),
+        work.adapted("surm circulant", sp.SurmConfig(target_modules=DECODER_TARGETS)),
+    ], [
+        Ratio("lora r=8", reference, 1.02),
+        Ratio("flora r=8", reference, 1.02),
+        Ratio("kernel-mix (1,2,2,4)", reference, 1.05),
+        Ratio("coeff + lora r=8", reference, 1.05),
+        Ratio("surm circulant", reference, 1.10),
+    ])  # fmt: skip
+
+
 SECTIONS: dict[str, Callable[[torch.device, Scale], Iterator[Section]]] = {
     "text": text_section,
     "conv": conv_section,
     "surm": surm_section,
     "attention": attention_section,
     "compile": compile_section,
+    "decoder": decoder_section,
 }
 
 
