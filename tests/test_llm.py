@@ -180,3 +180,49 @@ def test_finetune_takes_a_gguf_file_with_its_tokenizer_and_chat_template(tmp_pat
     assert "converted and cached in" in capsys.readouterr().err
     _finetune(tmp_path / "again", "--model", str(path), "--task", str(chat), "--epochs", "1")
     assert "read from the cache" in capsys.readouterr().err
+
+
+# -- WordNet definitions --------------------------------------------------------------------------------
+WORDNET_LINES = {
+    "noun": [
+        "  1 This software and database is being provided to you, the LICENSEE, by  ",
+        "00045646 04 n 02 rally 1 rallying 1 003 @ 00036762 n 0000 | the feat of mustering strength for a "
+        'renewed effort; "he singled to start a rally in the 9th inning"  ',
+        "04023249 06 n 01 quern 0 001 @ 03765561 n 0000 | a primitive stone mill for grinding corn by hand  ",
+    ],
+    "verb": ['01097978 38 v 02 rally 0 summon 0 002 | gather  ;  "rally your courage"  '],
+    "adj": ["00013887 00 s 01 galore(ip) 0 001 & 00013160 a 0000 | in great numbers  "],
+    "adv": ["00001740 02 r 01 a_cappella 0 000 | without musical accompaniment  "],
+}
+
+
+def test_wordnet_glosses_are_read_as_definitions(tmp_path) -> None:
+    from structpeft.zoo.wordnet import definition_prompt, load_glosses
+
+    for part, lines in WORDNET_LINES.items():
+        (tmp_path / f"data.{part}").write_text("\n".join(lines) + "\n")
+    glosses = load_glosses(tmp_path)
+    found = {(g.word, g.part_of_speech): g.definition for g in glosses}
+    assert found == {
+        ("rally", "noun"): "the feat of mustering strength for a renewed effort",
+        ("quern", "noun"): "a primitive stone mill for grinding corn by hand",
+        ("rally", "verb"): "gather",
+        ("galore", "adjective"): "in great numbers",
+        ("a cappella", "adverb"): "without musical accompaniment",
+    }
+    assert len({g.synset for g in glosses}) == 5  # the two 'rally' synsets stay apart
+    assert definition_prompt(glosses[1]) == "Define the noun 'quern':"
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        load_glosses(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_the_wordnet_preset_holds_each_text_once_on_one_side() -> None:
+    from structpeft.workflow.tasks import load_task
+    from structpeft.zoo.wordnet import WORDNET_DIR
+
+    if not WORDNET_DIR.is_dir():
+        pytest.skip("Debian's wordnet-base is not installed")
+    task = load_task("wordnet-definitions", val_size=500)
+    assert task.kind == "causal-lm" and len(task.test) > 10_000 and len(task.train) > 90_000
+    assert not {r["prompt"] + r["completion"] for r in task.test} & {r["prompt"] + r["completion"] for r in task.train}

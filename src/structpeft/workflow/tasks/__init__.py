@@ -16,9 +16,15 @@ from structpeft.workflow.tasks.tables import (
     read_table,
     rotten_tomatoes,
     text_classification,
+    wordnet_definitions,
 )
 
-PRESETS = {"rotten-tomatoes": rotten_tomatoes, "fashion-mnist": fashion_mnist, "mnist-5k": mnist_5k}
+PRESETS = {
+    "rotten-tomatoes": rotten_tomatoes,
+    "fashion-mnist": fashion_mnist,
+    "mnist-5k": mnist_5k,
+    "wordnet-definitions": wordnet_definitions,
+}
 TASK_TYPES: tuple[TaskKind, ...] = ("text-classification", "image-classification", "causal-lm")
 
 __all__ = [

@@ -113,3 +113,18 @@ def rotten_tomatoes(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
         "rotten-tomatoes", "text-classification", as_dicts(train), as_dicts(test),
         val_size=val_size, seed=seed, label_names=list(LABELS), source={"preset": "rotten-tomatoes"}, **sizes,
     )  # fmt: skip
+
+
+def wordnet_definitions(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
+    """WordNet glosses as prompt/completion rows (a word's definition), each text once, split by gloss."""
+    from structpeft.zoo.wordnet import definition_prompt, is_test_gloss, load_glosses
+
+    rows: dict[tuple[str, str], bool] = {}  # (prompt, completion) -> held out for test
+    for gloss in load_glosses():
+        rows.setdefault((definition_prompt(gloss), gloss.definition), is_test_gloss(gloss))
+    train = [{"prompt": p, "completion": c} for (p, c), held_out in rows.items() if not held_out]
+    test = [{"prompt": p, "completion": c} for (p, c), held_out in rows.items() if held_out]
+    return make_task(
+        "wordnet-definitions", "causal-lm", train, test, val_size=val_size, seed=seed,
+        source={"preset": "wordnet-definitions", "fields": ["prompt", "completion"]}, **sizes,
+    )  # fmt: skip
