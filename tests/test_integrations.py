@@ -170,3 +170,19 @@ def test_dpo_reference_is_the_model_with_adapters_off_and_the_adapter_trains(tmp
     after = _adapter(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert trainer.state.log_history[-1]["train_loss"] > 0
+
+
+def test_a_model_read_from_a_gguf_file_trains(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.gguf_files import tiny_llama_for_gguf, write_llama_gguf
+
+    pytest.importorskip("gguf")
+    write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    assert base.is_quantized  # what transformers leaves: the stock Trainer refuses this model
+    model = sp.get_peft_model(base, sp.LoraConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    before = _adapter(model)
+    rows = [{"input_ids": r["input_ids"] % 200, "labels": r["labels"] % 200} for r in _lm_rows(8)]
+    Trainer(model=model, args=_args(tmp_path / "out", max_steps=1, save_strategy="no"), train_dataset=rows).train()
+    assert not base.is_quantized and any(not torch.equal(before[k], v) for k, v in _adapter(model).items())

@@ -44,6 +44,13 @@ class AdapterCheckpoints:
                 f"{type(self).__name__} trains a structpeft model: pass model=sp.get_peft_model(base, config), "
                 f"not a {type(model).__name__}"
             )
+        base = model.get_base_model()
+        if str(getattr(base, "quantization_method", "")) in ("gguf", "QuantizationMethod.GGUF"):
+            from structpeft.zoo.gguf import unmark_quantized
+
+            # Loaded with from_pretrained(..., gguf_file=): dequantized to float, yet marked quantized,
+            # which makes the Trainer refuse it. The weights are plain float tensors: drop the mark.
+            unmark_quantized(base)
         self.adapter_model = model
         return model
 
