@@ -186,3 +186,16 @@ def test_a_model_read_from_a_gguf_file_trains(tmp_path) -> None:
     rows = [{"input_ids": r["input_ids"] % 200, "labels": r["labels"] % 200} for r in _lm_rows(8)]
     Trainer(model=model, args=_args(tmp_path / "out", max_steps=1, save_strategy="no"), train_dataset=rows).train()
     assert not base.is_quantized and any(not torch.equal(before[k], v) for k, v in _adapter(model).items())
+
+
+def test_load_adapter_weights_refuses_another_config_with_the_same_shapes(tmp_path) -> None:
+    model = _tied_model()
+    model.save_pretrained(tmp_path / "a")
+    torch.manual_seed(0)
+    other = sp.get_peft_model(
+        tiny_gpt2(), sp.LoraConfig(r=2, alpha=5, target_modules=["c_attn", "wte"], init_weights=False)
+    )
+    before = _adapter(other)
+    with pytest.raises(sp.CheckpointError, match="another config"):
+        other.load_adapter_weights(tmp_path / "a")
+    assert all(torch.equal(v, _adapter(other)[k]) for k, v in before.items())

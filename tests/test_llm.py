@@ -226,3 +226,24 @@ def test_the_wordnet_preset_holds_each_text_once_on_one_side() -> None:
     task = load_task("wordnet-definitions", val_size=500)
     assert task.kind == "causal-lm" and len(task.test) > 10_000 and len(task.train) > 90_000
     assert not {r["prompt"] + r["completion"] for r in task.test} & {r["prompt"] + r["completion"] for r in task.train}
+
+
+def test_a_template_that_refuses_the_rows_or_overlong_rows_are_reported_before_training(
+    assets, tmp_path, capsys
+) -> None:
+    strict = fx.save_decoder(
+        tmp_path / "strict", "llama",
+        chat_template="{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        + fx.CHAT_TEMPLATE,
+    )  # fmt: skip
+    rows = [{"messages": [{"role": "system", "content": "good"}, *r["messages"]]} for r in fx.conversations(24)]
+    chat = fx.write_jsonl(tmp_path / "system.jsonl", rows)
+    args = ["finetune", "--model", str(strict), "--task", str(chat), "--quiet", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    assert "the chat template refused a conversation (roles: system" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    _finetune(tmp_path / "short", "--model", str(assets["llama"]), "--task", str(assets["chat"]), "--max-length", "12")
+    assert "longer than --max-length 12 tokens" in capsys.readouterr().err
+    args = ["finetune", "--model", str(assets["llama"]), "--task", str(assets["chat"]), "--max-length", "4", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "cut")]) == 2
+    assert "--max-length 4 cuts every answer" in capsys.readouterr().err

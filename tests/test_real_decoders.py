@@ -125,3 +125,39 @@ def test_gemma3_sliding_window_holds_on_both_coeff_paths_at_2048_tokens(decoder)
             mixed[chunk_size] = model.eval().base_model.model(input_ids=ids).last_hidden_state
     assert torch.allclose(mixed[None], mixed[256], atol=2e-3, rtol=1e-3)
     assert not torch.allclose(mixed[None], reference, atol=1e-2)
+
+
+def test_trl_sft_and_dpo_train_a_structpeft_adapter_on_smollm2(decoder, tmp_path) -> None:
+    name, load, tokenizer = decoder
+    if name != "smollm2-135m":
+        pytest.skip("one real decoder is enough for TRL; SmolLM2 is the chat model")
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from structpeft.core.checkpoint import adapter_state_dict
+    from structpeft.integrations.trl import DPOTrainer, SFTTrainer
+
+    model = sp.get_peft_model(load(), sp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+    start = {k: v.clone() for k, v in adapter_state_dict(model, "default").items()}
+    chats = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": f"Capital of {c}?"}, {"role": "assistant", "content": k}]}
+         for c, k in [("France", "Paris."), ("Italy", "Rome."), ("Spain", "Madrid."), ("Peru", "Lima.")]]
+    )  # fmt: skip
+    common = dict(per_device_train_batch_size=2, report_to=[], learning_rate=1e-3, use_cpu=True, max_steps=2)
+    sft = SFTTrainer(
+        model=model, args=trl.SFTConfig(output_dir=str(tmp_path / "sft"), save_steps=2, **common),
+        train_dataset=chats, processing_class=tokenizer,
+    )  # fmt: skip
+    sft.train()
+    trained = adapter_state_dict(model, "default")
+    assert all(not torch.equal(start[k], trained[k]) for k in start)
+    reloaded = sp.PeftModel.from_pretrained(load(), tmp_path / "sft" / "checkpoint-2")
+    assert all(torch.equal(trained[k], v) for k, v in adapter_state_dict(reloaded, "default").items())
+
+    pairs = Dataset.from_list([{"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Lyon."}] * 4)
+    dpo = DPOTrainer(
+        model=model, args=trl.DPOConfig(output_dir=str(tmp_path / "dpo"), **common), train_dataset=pairs,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    dpo.train()
+    assert torch.isfinite(torch.tensor(dpo.state.log_history[-1]["train_loss"]))

@@ -68,6 +68,16 @@ def adapter_tensors(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
     return live
 
 
+def same_configs(saved: list[AdapterConfig], live: list[AdapterConfig]) -> bool:
+    """Whether a checkpoint's configs describe the same adapter (the base model's name aside)."""
+
+    def plain(configs: list[AdapterConfig]) -> dict:
+        described = json.loads(json.dumps(configs_to_dict(configs, "")))  # as the file holds it: lists, not tuples
+        return {k: v for k, v in described.items() if k != "base_model_name_or_path"}
+
+    return plain(saved) == plain(live)
+
+
 def save_adapter(model: PeftModel, adapter: str, directory: str | os.PathLike) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model, adapter).items()}
     if not distributed.is_writer(model):  # sharded: every rank gathered, rank 0 writes

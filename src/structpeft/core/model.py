@@ -409,6 +409,7 @@ class PeftModel(nn.Module):
                 "merged. Pass keep_unmergeable=True to merge the rest and keep these modules adapted."
             )
         hosts = [(n, h) for n, h in self.adapter_hosts() if n not in kept and any(a in h.adapters for a in names)]
+        tied_before = getattr(getattr(self.base_model, "config", None), "tie_word_embeddings", True)
         untied = self._untie([h for _, h in hosts if isinstance(h, AdaptedLayer)])
         # A snapshot, not a subtraction (w + Δ - Δ is not w in floating point), kept in CPU memory so
         # that merging a large model on an accelerator does not need twice the memory there.
@@ -431,7 +432,7 @@ class PeftModel(nn.Module):
             for layer, shared in untied:
                 layer.weight = shared
             if untied:
-                _set_tie_word_embeddings(self.base_model, True)
+                _set_tie_word_embeddings(self.base_model, tied_before)
             if isinstance(e, ValueError):
                 raise ValueError(f"cannot merge into module {failing!r}: {e}. Nothing was merged.") from e
             raise
@@ -543,14 +544,19 @@ class PeftModel(nn.Module):
         reloading its best checkpoint). The saved config must describe the same adapter; every key and shape is
         checked before anything is written."""
         self._check_exists([adapter_name])
-        _, tensors = checkpoint.read_adapter(path)
+        configs, tensors = checkpoint.read_adapter(path)
         live = checkpoint.adapter_tensors(self, adapter_name)
         missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
         wrong = sorted(k for k in set(live) & set(tensors) if tensors[k].shape != live[k].shape)
-        if missing or unexpected or wrong:
+        if missing or unexpected or wrong or not checkpoint.same_configs(configs, self.peft_config[adapter_name]):
             raise checkpoint.CheckpointError(
                 f"adapter at {path} is not the adapter {adapter_name!r} of this model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}); the model is unchanged"
+                f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}, or another config); the model is unchanged"
+            )
+        bad = sorted(k for k, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all())
+        if bad:
+            raise checkpoint.CheckpointError(
+                f"adapter at {path} holds non-float, NaN or infinite values in {bad[:3]}; the model is unchanged"
             )
         with torch.no_grad():
             for key, tensor in live.items():

@@ -9,6 +9,7 @@ three places the ``Trainer`` writes and reads model weights.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,15 +55,26 @@ class AdapterCheckpoints:
         self.adapter_model = model
         return model
 
+    def _refuse_sharding(self) -> None:
+        """FSDP and DeepSpeed shard or partition the parameters and hand ``_save`` a gathered state dict (or
+        never call it); the adapter checkpoints here read whole parameters from the model. Refused until
+        they gather too, rather than writing empty or wrong adapters."""
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                f"{type(self).__name__} does not yet checkpoint adapters under FSDP or DeepSpeed; train a structpeft "
+                "model sharded with `structpeft finetune` under torchrun (FSDP2) or your own loop, or use DDP here"
+            )
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        del state_dict  # the adapters are read from the model, as save_pretrained does
+        del state_dict  # the adapters are read from the model, as save_pretrained does (sharding is refused)
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self.adapter_model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_adapters(self, checkpoint: str | os.PathLike) -> None:
@@ -80,7 +92,14 @@ class AdapterCheckpoints:
         self._load_adapters(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        self._load_adapters(self.state.best_model_checkpoint)
+        best = self.state.best_model_checkpoint
+        if not (adapter_folder(best, DEFAULT_ADAPTER) / CONFIG_NAME).is_file() and not any(
+            (adapter_folder(best, a) / CONFIG_NAME).is_file() for a in self.adapter_model.peft_config
+        ):
+            # as the stock Trainer does: a node without the checkpoint (multi-node, no save_on_each_node)
+            warnings.warn(f"could not load the best model: {best} holds no adapter; keeping the last one", stacklevel=2)
+            return
+        self._load_adapters(best)
 
 
 class Trainer(AdapterCheckpoints, transformers.Trainer):
@@ -88,6 +107,7 @@ class Trainer(AdapterCheckpoints, transformers.Trainer):
 
     def __init__(self, model: PeftModel, *args: Any, **kwargs: Any) -> None:
         super().__init__(self._keep_adapter_model(model), *args, **kwargs)
+        self._refuse_sharding()
         # The Trainer reads which inputs are labels, and whether the model returns a loss, off the model's
         # class; the wrapper forwards any keyword, so ask the transformers class under it.
         base_class = type(model.get_base_model())

@@ -49,12 +49,14 @@ class SFTTrainer(AdapterCheckpoints, trl.SFTTrainer):
     def __init__(self, model: PeftModel, *args: Any, **kwargs: Any) -> None:
         _refuse_peft_config(kwargs)
         super().__init__(model_for_fused_head(self._keep_adapter_model(model)), *args, **kwargs)
+        self._refuse_sharding()
 
 
 class AdaptersDisabled(nn.Module):
     """The model under a :class:`~structpeft.PeftModel` with its adapters switched off: DPO's reference
-    without a second copy of the weights (what HF PEFT's ``disable_adapter()`` gives TRL). It holds no
-    parameters of its own, so no optimizer or ``prepare`` ever touches the shared ones through it."""
+    without a second copy of the weights (what HF PEFT's ``disable_adapter()`` gives TRL for a new adapter).
+    It holds no parameters of its own, so no optimizer or ``prepare`` ever touches the shared ones through
+    it; its ``state_dict`` is the base model's, which TRL hashes to key cached reference log-probs."""
 
     def __init__(self, adapter_model: PeftModel) -> None:
         super().__init__()
@@ -82,14 +84,21 @@ class AdaptersDisabled(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._disabled(self.adapter_model.get_base_model())(*args, **kwargs)
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {k: v for k, v in self.adapter_model.get_base_model().state_dict(*args, **kwargs).items()
+                if ".adapters." not in k}  # fmt: skip
+
 
 class DPOTrainer(AdapterCheckpoints, trl.DPOTrainer):
     """TRL's ``DPOTrainer`` for a :class:`~structpeft.PeftModel`, with adapter checkpoints. Without
-    ``ref_model`` the reference is the same model with its adapters disabled."""
+    ``ref_model`` the reference is the base model: the same model with its adapters disabled. For an adapter
+    already trained (SFT, then DPO), where the reference should be the adapter as it starts, pass a copy of
+    that model as ``ref_model`` (HF PEFT's TRL path loads such a copy as a second adapter named "ref")."""
 
-    def __init__(self, model: PeftModel, *args: Any, ref_model: nn.Module | None = None, **kwargs: Any) -> None:
+    def __init__(self, model: PeftModel, ref_model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
         _refuse_peft_config(kwargs)
         adapter_model = self._keep_adapter_model(model)
         if ref_model is None:
             ref_model = AdaptersDisabled(adapter_model)
-        super().__init__(model_for_fused_head(adapter_model), *args, ref_model=ref_model, **kwargs)
+        super().__init__(model_for_fused_head(adapter_model), ref_model, *args, **kwargs)
+        self._refuse_sharding()

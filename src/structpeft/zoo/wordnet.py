@@ -6,6 +6,7 @@ mill for grinding corn by hand``. About 117,000 synsets from Debian's ``wordnet-
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _parse_line(line: str, part_of_speech: str) -> Gloss | None:
     if word_count < 1:
         return None
     word = parts[4].split("(")[0].replace("_", " ")  # adjectives carry a marker: "galore(ip)"
-    definition = gloss.split('; "')[0].split(' "')[0].strip().rstrip(";").strip()
+    definition = re.split(r';\s*"', gloss)[0].strip().rstrip(";").strip()  # examples follow as ; "..."
     if not definition:
         return None
     return Gloss(f"{offset}.{part_of_speech}", word, PARTS_OF_SPEECH[part_of_speech], definition)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from structpeft.workflow.tasks.base import CLASSIFICATION, Task, TaskError, TaskKind, carve, make_task, subsample
-from structpeft.workflow.tasks.causal_lm import IGNORE_INDEX, causal_lm, collate_causal_lm, prompt_ids
+from structpeft.workflow.tasks.causal_lm import IGNORE_INDEX, causal_lm, check_rows, collate_causal_lm, prompt_ids
 from structpeft.workflow.tasks.images import collate_images, fashion_mnist, image_folder, is_image_folder, mnist_5k
 from structpeft.workflow.tasks.tables import (
     LABEL_COLUMNS,
@@ -36,6 +36,7 @@ __all__ = [
     "TaskError",
     "TaskKind",
     "carve",
+    "check_rows",
     "check_task_ref",
     "collate_causal_lm",
     "collate_images",

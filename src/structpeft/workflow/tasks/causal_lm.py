@@ -64,7 +64,11 @@ def check_conversation(messages: Any, where: str) -> None:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # the template's own checks (roles that must alternate, no system role...)
+        roles = ", ".join(m["role"] for m in messages)
+        raise TaskError(f"the chat template refused a conversation (roles: {roles}): {e}") from e
 
 
 def chat_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
@@ -111,6 +115,26 @@ def prompt_ids(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
         text = _render(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def check_rows(examples: list[dict[str, Any]], tokenizer: Any, max_length: int, chat: bool) -> str | None:
+    """Render ``examples`` as training will, so a template that refuses them fails before the first step;
+    a note when some are longer than ``max_length`` (their ends, the answers, are cut); an error when
+    none keeps a token to learn within it."""
+    batches = [collate_causal_lm([e], tokenizer, 10**9, chat) for e in examples]
+    lengths = [len(b["input_ids"][0]) for b in batches]
+    if examples and not any((b["labels"][0][:max_length] != IGNORE_INDEX).any() for b in batches):
+        raise TaskError(
+            f"--max-length {max_length} cuts every answer of the {len(examples)} rows checked (they are up to "
+            f"{max(lengths)} tokens long): nothing would be learnt; raise --max-length"
+        )
+    longer = sum(n > max_length for n in lengths)
+    if not longer:
+        return None
+    return (
+        f"{longer} of {len(examples)} rows checked are longer than --max-length {max_length} tokens (longest "
+        f"{max(lengths)}): their ends, which hold the answers, are cut; raise --max-length"
+    )
 
 
 def collate_causal_lm(
