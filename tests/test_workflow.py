@@ -137,6 +137,11 @@ def test_set_routes_fields_and_refuses_what_no_method_has(assets, tmp_path, caps
     assert route_settings(["surm"], {"target_modules": "query,value"}) == {
         "surm": {"target_modules": ["query", "value"]}
     }
+    spellings = {"init_weights": "False", "lora.dropout": "0.0", "chunk_size": "None"}
+    assert route_settings(["coeff", "lora"], spellings) == {  # Python's spellings as JSON's
+        "coeff": {"init_weights": False, "chunk_size": None},
+        "lora": {"init_weights": False, "dropout": 0.0},
+    }
     code, _ = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "coeff",
                        "--set", "r=16")  # fmt: skip
     err = capsys.readouterr().err

@@ -174,9 +174,14 @@ def settable_fields(name: str) -> list[str]:
     return sorted({f.name for f in dataclasses.fields(cls)} - NOT_SETTABLE | {"lr"})
 
 
+PYTHON_SPELLINGS = {"True": True, "False": False, "None": None}
+
+
 def parse_value(key: str, text: str) -> Any:
-    """JSON where it parses (numbers, booleans, lists, null), else the text; comma lists of names
-    for the module-list fields."""
+    """JSON where it parses (numbers, booleans, lists, null), Python's True, False and None, else the text;
+    comma lists of names for the module-list fields."""
+    if text in PYTHON_SPELLINGS:
+        return PYTHON_SPELLINGS[text]
     try:
         return json.loads(text)
     except json.JSONDecodeError:
