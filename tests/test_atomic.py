@@ -199,3 +199,21 @@ def test_a_training_checkpoint_killed_at_random_moments_stays_whole(tmp_path) ->
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "best.safetensors", "optimizer.pt", "state.json", "trainable.safetensors"
     ]  # fmt: skip
+
+
+def test_atomic_write_file_replaces_whole_and_cleans_up_on_error(tmp_path, monkeypatch) -> None:
+    from structpeft.core.atomic import atomic_write_file
+
+    target = tmp_path / "sub" / "run.json"
+    atomic_write_file(target, b"old")
+    atomic_write_file(target, b"new")
+    assert target.read_bytes() == b"new"
+
+    def failing_replace(src, dst):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr("structpeft.core.atomic.os.replace", failing_replace)
+    with pytest.raises(OSError, match="disk on fire"):
+        atomic_write_file(target, b"newer")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["run.json"]  # no temporary file left

@@ -24,6 +24,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,6 +77,25 @@ def committed_path(directory: str | os.PathLike, name: str) -> Path:
     directory = Path(directory)
     pending = directory / COMMIT_NAME / name
     return pending if pending.is_file() else directory / name
+
+
+def atomic_write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Replace one file all or nothing: written beside it under a temporary name, fsynced, renamed over
+    it, and the folder fsynced. A crash leaves the old file or the new one; the temporary file is removed
+    on an error (a crash can leave one, named ``.<name>.*.tmp``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_path(path.parent)
 
 
 @contextlib.contextmanager

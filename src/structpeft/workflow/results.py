@@ -7,28 +7,18 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from structpeft.core import atomic_write_file
 
 RUN_FILE, METRICS_FILE, CURVES_FILE = "run.json", "metrics.json", "curves.png"
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_file(path, (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))
 
 
 def append_result(store: Path, row: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import structpeft as sp
+from structpeft.core import atomic_write_file
 from structpeft.workflow import recipes, results
 from structpeft.workflow.checkpointing import CHECKPOINT_DIR
 from structpeft.workflow.distributed import Processes, launched_processes
@@ -196,15 +197,13 @@ def save_trained(model: nn.Module, out: Path) -> None:
     if isinstance(model, sp.PeftModel):
         model.save_pretrained(out)
         return
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from structpeft.workflow.checkpointing import trained_tensors
 
     # with the running statistics of the batch norms it trained (full fine-tuning of a convnet)
     tensors = {n: t.detach().cpu().contiguous() for n, t in trained_tensors(model).items()}
-    tmp = out / f".{BASELINE_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / BASELINE_WEIGHTS)
+    atomic_write_file(out / BASELINE_WEIGHTS, save(tensors))
 
 
 def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
