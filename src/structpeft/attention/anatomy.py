@@ -42,8 +42,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from structpeft.attention.maps import SOFTMAXES, as_head_maps, softmax_dim
-from structpeft.core.layers import HFConv1D, layer_geometry, module_host
-from structpeft.core.targets import get_submodule, named_modules, unwrapped, within
+from structpeft.core.layers import layer_geometry, module_host
+from structpeft.core.targets import get_submodule, is_linear, named_modules, unwrapped, within
 
 _HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 # A config's head count says nothing of a module that shares the config but has no heads (an MLP):
@@ -84,16 +84,12 @@ class UnreadableBlock(ValueError):
 
 
 # -- candidates and heads -------------------------------------------------------------------
-def _is_projection(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (HFConv1D is not None and isinstance(module, HFConv1D))
-
-
 def _candidates(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """(path, layer as found in the block, possibly an adapter wrapper) of its linear layers."""
     return [
         (path, module)
         for path, module in named_modules(block)
-        if path and path.count(".") < _MAX_DEPTH and _is_projection(unwrapped(module))
+        if path and path.count(".") < _MAX_DEPTH and is_linear(unwrapped(module))
     ]
 
 

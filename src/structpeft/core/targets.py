@@ -39,7 +39,8 @@ def unwrapped(module: nn.Module) -> nn.Module:
     return module
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
+    """A dense projection: ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2's transposed linear)."""
     return isinstance(module, nn.Linear) or (HFConv1D is not None and isinstance(module, HFConv1D))
 
 
@@ -76,7 +77,7 @@ def resolve_targets(
     if isinstance(target_modules, str):
         if target_modules.lower() == ALL_LINEAR:
             skip = _output_layer_names(model)
-            names = [n for n, m in modules if _is_linear(unwrapped(m)) and n not in skip]
+            names = [n for n, m in modules if is_linear(unwrapped(m)) and n not in skip]
             if not names:
                 raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in the model")
             return names
