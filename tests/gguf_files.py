@@ -36,10 +36,17 @@ def tiny_llama_for_gguf(tie: bool = False):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(byte_level_vocabulary()), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
-        bos_token_id=len(byte_level_vocabulary()) - 2, eos_token_id=len(byte_level_vocabulary()) - 1,
-    )  # fmt: skip
+        vocab_size=len(byte_level_vocabulary()),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        bos_token_id=len(byte_level_vocabulary()) - 2,
+        eos_token_id=len(byte_level_vocabulary()) - 1,
+    )
     return LlamaForCausalLM(config).eval()
 
 

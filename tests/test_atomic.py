@@ -197,8 +197,11 @@ def test_a_training_checkpoint_killed_at_random_moments_stays_whole(tmp_path) ->
     assert kills >= 10 and seen == {2.0, 5.0}
     save(*states[1])  # a save after the kills clears their leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "best.safetensors", "optimizer.pt", "state.json", "trainable.safetensors"
-    ]  # fmt: skip
+        "best.safetensors",
+        "optimizer.pt",
+        "state.json",
+        "trainable.safetensors",
+    ]
 
 
 def test_atomic_write_file_replaces_whole_and_cleans_up_on_error(tmp_path, monkeypatch) -> None:

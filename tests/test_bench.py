@@ -23,9 +23,14 @@ def tiny(tmp_path_factory) -> bench.Suite:
     task = write_csv(root / "reviews.csv", sentences(80))
     setting = bench.Setting("tiny", str(model), str(task), val_size=16, batch_size=16, max_length=16)
     return bench.Suite(
-        "tiny", "a tiny BERT on made-up reviews", (setting,), sized=("lora",), fixed=(), references=("probe",),
+        "tiny",
+        "a tiny BERT on made-up reviews",
+        (setting,),
+        sized=("lora",),
+        fixed=(),
+        references=("probe",),
         budgets=(bench.Budget("r1", "lora", {"r": "1"}), bench.Budget("r4", "lora", {"r": "4"})),
-    )  # fmt: skip
+    )
 
 
 class Counting:
@@ -68,8 +73,14 @@ def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_
 
     def fake(spec: run.RunSpec) -> dict:
         val = {"accuracy": 1 / spec.lr / 1e4, "loss": 1.0}
-        row = {"status": "finished", "spec": dataclasses.asdict(spec), "seed": spec.seed, "val": val,
-               "trainable_params": 10, "device": "cpu"}  # fmt: skip
+        row = {
+            "status": "finished",
+            "spec": dataclasses.asdict(spec),
+            "seed": spec.seed,
+            "val": val,
+            "trainable_params": 10,
+            "device": "cpu",
+        }
         if spec.score_test:
             row["test"] = {"accuracy": spec.lr}
         results.write_json(Path(spec.out) / results.METRICS_FILE, row)
@@ -78,8 +89,15 @@ def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_
     def score_test(folder: Path) -> dict[str, float]:
         return {"accuracy": float(folder.name.removeprefix("lr").split("-")[0])}
 
-    entry = {"label": "probe", "method": "probe", "budget": None, "settings": {}, "adapter_params": None,
-             "default_lr": 1e-2, "budget_target": None}  # fmt: skip
+    entry = {
+        "label": "probe",
+        "method": "probe",
+        "budget": None,
+        "settings": {},
+        "adapter_params": None,
+        "default_lr": 1e-2,
+        "budget_target": None,
+    }
     runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=fake, score_test=score_test)
     row = bench.run_entry(runner, tiny, tiny.settings[0], entry)
     assert row["lr"] == pytest.approx(0.00333)
@@ -136,8 +154,15 @@ def test_test_is_scored_only_on_kept_runs_and_a_kept_search_run_scores_as_it_wou
         scored.append(folder)
         return run.evaluate_run(folder, split="test")
 
-    entry = {"label": "lora@r4", "method": "lora", "budget": "r4", "settings": {"r": "4"}, "adapter_params": None,
-             "default_lr": 1e-3, "budget_target": None}  # fmt: skip
+    entry = {
+        "label": "lora@r4",
+        "method": "lora",
+        "budget": "r4",
+        "settings": {"r": "4"},
+        "adapter_params": None,
+        "default_lr": 1e-3,
+        "budget_target": None,
+    }
     setting = dataclasses.replace(tiny.settings[0], epochs=2)  # the best epoch need not be the last
     runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), score_test=score_test)
     row = bench.run_entry(runner, tiny, setting, entry)
@@ -164,8 +189,12 @@ def test_test_is_scored_only_on_kept_runs_and_a_kept_search_run_scores_as_it_wou
 
 def test_only_a_row_scored_later_replaces_its_run_folders_earlier_row(tmp_path) -> None:
     store = tmp_path / "results.jsonl"
-    for row in ({"out": "a", "lr": 1}, {"out": "a", "lr": 2}, {"out": "b", "lr": 3},
-                {"out": "b", "lr": 3, "test": {"accuracy": 0.5}, results.SCORED_LATER: True}):  # fmt: skip
+    for row in (
+        {"out": "a", "lr": 1},
+        {"out": "a", "lr": 2},
+        {"out": "b", "lr": 3},
+        {"out": "b", "lr": 3, "test": {"accuracy": 0.5}, results.SCORED_LATER: True},
+    ):
         results.append_result(store, row)
     rows = results.load_results([store])
     assert [(r["out"], r["lr"], "test" in r) for r in rows] == [("a", 1, False), ("a", 2, False), ("b", 3, True)]
@@ -240,8 +269,15 @@ def test_hf_peft_references_train_through_the_same_loop(tiny, tmp_path, monkeypa
 
     monkeypatch.setattr(recipes.Recipe, "adapt", adapt)
     setting = tiny.settings[0]
-    spec = run.RunSpec(model=setting.model, task=setting.task, method=method, val_size=16, out=str(tmp_path / "run"),
-                       results=str(tmp_path / "results.jsonl"), progress="none")  # fmt: skip
+    spec = run.RunSpec(
+        model=setting.model,
+        task=setting.task,
+        method=method,
+        val_size=16,
+        out=str(tmp_path / "run"),
+        results=str(tmp_path / "results.jsonl"),
+        progress="none",
+    )
     row = run.finetune(spec)
     before = built["before"]
     assert isinstance(built["model"], peft.PeftModel)

@@ -108,8 +108,21 @@ def test_which_runs_use_the_chat_template(assets, model, task, choice, expected)
 
 def _finetune(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "run"
-    defaults = ["--epochs", "3", "--batch-size", "8", "--val-size", "8", "--quiet", "--out", str(out),
-                "--results", str(tmp_path / "results.jsonl"), "--lr", "0.01"]  # fmt: skip
+    defaults = [
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--val-size",
+        "8",
+        "--quiet",
+        "--out",
+        str(out),
+        "--results",
+        str(tmp_path / "results.jsonl"),
+        "--lr",
+        "0.01",
+    ]
     assert main(["finetune", *defaults, *args]) == 0
     return json.loads((out / "metrics.json").read_text())
 
@@ -232,10 +245,11 @@ def test_a_template_that_refuses_the_rows_or_overlong_rows_are_reported_before_t
     assets, tmp_path, capsys
 ) -> None:
     strict = fx.save_decoder(
-        tmp_path / "strict", "llama",
+        tmp_path / "strict",
+        "llama",
         chat_template="{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
         + fx.CHAT_TEMPLATE,
-    )  # fmt: skip
+    )
     rows = [{"messages": [{"role": "system", "content": "good"}, *r["messages"]]} for r in fx.conversations(24)]
     chat = fx.write_jsonl(tmp_path / "system.jsonl", rows)
     args = ["finetune", "--model", str(strict), "--task", str(chat), "--quiet", "--out", str(tmp_path / "run")]

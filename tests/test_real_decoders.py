@@ -140,14 +140,18 @@ def test_trl_sft_and_dpo_train_a_structpeft_adapter_on_smollm2(decoder, tmp_path
     model = sp.get_peft_model(load(), sp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
     start = {k: v.clone() for k, v in adapter_state_dict(model, "default").items()}
     chats = Dataset.from_list(
-        [{"messages": [{"role": "user", "content": f"Capital of {c}?"}, {"role": "assistant", "content": k}]}
-         for c, k in [("France", "Paris."), ("Italy", "Rome."), ("Spain", "Madrid."), ("Peru", "Lima.")]]
-    )  # fmt: skip
+        [
+            {"messages": [{"role": "user", "content": f"Capital of {c}?"}, {"role": "assistant", "content": k}]}
+            for c, k in [("France", "Paris."), ("Italy", "Rome."), ("Spain", "Madrid."), ("Peru", "Lima.")]
+        ]
+    )
     common = dict(per_device_train_batch_size=2, report_to=[], learning_rate=1e-3, use_cpu=True, max_steps=2)
     sft = SFTTrainer(
-        model=model, args=trl.SFTConfig(output_dir=str(tmp_path / "sft"), save_steps=2, **common),
-        train_dataset=chats, processing_class=tokenizer,
-    )  # fmt: skip
+        model=model,
+        args=trl.SFTConfig(output_dir=str(tmp_path / "sft"), save_steps=2, **common),
+        train_dataset=chats,
+        processing_class=tokenizer,
+    )
     sft.train()
     trained = adapter_state_dict(model, "default")
     assert all(not torch.equal(start[k], trained[k]) for k in start)
@@ -156,8 +160,10 @@ def test_trl_sft_and_dpo_train_a_structpeft_adapter_on_smollm2(decoder, tmp_path
 
     pairs = Dataset.from_list([{"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Lyon."}] * 4)
     dpo = DPOTrainer(
-        model=model, args=trl.DPOConfig(output_dir=str(tmp_path / "dpo"), **common), train_dataset=pairs,
+        model=model,
+        args=trl.DPOConfig(output_dir=str(tmp_path / "dpo"), **common),
+        train_dataset=pairs,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     dpo.train()
     assert torch.isfinite(torch.tensor(dpo.state.log_history[-1]["train_loss"]))

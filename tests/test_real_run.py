@@ -20,8 +20,9 @@ def needs(*packages: str) -> None:
 
 
 def run(tmp_path, **fields) -> float:
-    spec = RunSpec(out=str(tmp_path / fields["method"]), results=str(tmp_path / "results.jsonl"), progress="none",
-                   **fields)  # fmt: skip
+    spec = RunSpec(
+        out=str(tmp_path / fields["method"]), results=str(tmp_path / "results.jsonl"), progress="none", **fields
+    )
     return finetune(spec)["test"]["accuracy"]
 
 

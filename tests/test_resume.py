@@ -19,10 +19,34 @@ from tests import workflow_fixtures as fx
 
 
 def command(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "structpeft.workflow.cli", "finetune", "--model", str(model), "--task", str(data),
-            "--method", "lora", "--set", "dropout=0.1", "--epochs", "2", "--batch-size", "4", "--val-size", "8",
-            "--lr", "0.01", "--quiet", "--out", str(out), "--results", str(out.parent / "results.jsonl"),
-            *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "structpeft.workflow.cli",
+        "finetune",
+        "--model",
+        str(model),
+        "--task",
+        str(data),
+        "--method",
+        "lora",
+        "--set",
+        "dropout=0.1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--val-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--quiet",
+        "--out",
+        str(out),
+        "--results",
+        str(out.parent / "results.jsonl"),
+        *extra,
+    ]
 
 
 def steps_saved(out: Path) -> int:
@@ -43,8 +67,9 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_adapter(tmp_path)
 
     killed = tmp_path / "killed"
     target = random.Random(os.getpid()).randint(3, 50)  # of 2 x 37 steps: in the first epoch or the second
-    process = subprocess.Popen(command(model, data, killed, "--save-every", "3"), env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command(model, data, killed, "--save-every", "3"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while steps_saved(killed) < target and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -97,12 +122,36 @@ def test_two_processes_train_as_one(tmp_path, launcher, method) -> None:
     model = fx.save_text_encoder(tmp_path / "bert", dropout=0.0)
     data = fx.write_csv(tmp_path / "reviews.csv", fx.sentences(60))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flags = ["--model", str(model), "--task", str(data), "--method", method, "--batch-size", "7",
-             "--val-size", "8", "--lr", "0.01", "--set", "dropout=0", "--quiet"]  # fmt: skip
+    flags = [
+        "--model",
+        str(model),
+        "--task",
+        str(data),
+        "--method",
+        method,
+        "--batch-size",
+        "7",
+        "--val-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--set",
+        "dropout=0",
+        "--quiet",
+    ]
     one = [sys.executable, "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "one")]
     subprocess.run([*one, "--results", str(tmp_path / "r1.jsonl")], check=True, env=env, capture_output=True)
-    two = [*LAUNCHERS[launcher], "-m", "structpeft.workflow.cli", "finetune", *flags, "--out", str(tmp_path / "two"),
-           "--results", str(tmp_path / "r2.jsonl")]  # fmt: skip
+    two = [
+        *LAUNCHERS[launcher],
+        "-m",
+        "structpeft.workflow.cli",
+        "finetune",
+        *flags,
+        "--out",
+        str(tmp_path / "two"),
+        "--results",
+        str(tmp_path / "r2.jsonl"),
+    ]
     done = subprocess.run(two, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))

@@ -63,8 +63,14 @@ def test_quick_speed_suite_writes_every_ratio_with_its_target(tmp_path, capsys) 
     rows = {r["candidate"]: r["trainable"] for r in every_conv["rows"]}
     assert set(rows) == {"lora r=8", "flora r=8"}
     assert rows["lora r=8"] > next(r["trainable"] for r in pair_blocks[0]["rows"] if r["candidate"].startswith("hf"))
-    assert set(report["products"]["ratio_to_dense"]) == {"circulant", "toeplitz", "sym_toeplitz", "kronecker",
-                                                         "ldr r=1", "ldr r=4"}  # fmt: skip
+    assert set(report["products"]["ratio_to_dense"]) == {
+        "circulant",
+        "toeplitz",
+        "sym_toeplitz",
+        "kronecker",
+        "ldr r=1",
+        "ldr r=4",
+    }
     markdown = (tmp_path / "speed" / "speed.md").read_text()
     assert "lora r=8 / hf-peft lora r=8: step time" in markdown and "target <= 1.05x" in markdown
     assert "the ratios mean nothing" in capsys.readouterr().out

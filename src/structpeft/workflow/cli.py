@@ -39,10 +39,18 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
         help="a preset (minilm, mobilenet_v2, efficientnet_lite0, dinov2_small, smollm2-135m, gemma3-270m), "
         "a local HF model folder, a GGUF file, or a hub id",
     )
-    p.add_argument("--task", default="rotten-tomatoes", help="a preset (rotten-tomatoes, fashion-mnist, mnist-5k), "
-                   "a CSV / JSONL / Parquet file, an image folder, or a save_to_disk folder")  # fmt: skip
-    p.add_argument("--method", default="lora", help=f"one of {', '.join(recipes.method_names())}, or several "
-                   "joined by '+' (coeff+lora); surm-<structure>[-adapter]: surm with those set")  # fmt: skip
+    p.add_argument(
+        "--task",
+        default="rotten-tomatoes",
+        help="a preset (rotten-tomatoes, fashion-mnist, mnist-5k), "
+        "a CSV / JSONL / Parquet file, an image folder, or a save_to_disk folder",
+    )
+    p.add_argument(
+        "--method",
+        default="lora",
+        help=f"one of {', '.join(recipes.method_names())}, or several "
+        "joined by '+' (coeff+lora); surm-<structure>[-adapter]: surm with those set",
+    )
     p.add_argument(
         "--set",
         dest="settings",
@@ -65,9 +73,11 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (longer ones are cut)")
     p.add_argument("--image-size", type=int, default=None, help="pixels per side (default: the model's)")
     p.add_argument(
-        "--val-size", type=float, default=0.1,
+        "--val-size",
+        type=float,
+        default=0.1,
         help="validation carved from the whole train split (before --train-size): a fraction of it or a count",
-    )  # fmt: skip
+    )
     p.add_argument("--train-size", type=int, default=None, help="train on a seeded random N of the train split")
     p.add_argument("--test-size", type=int, default=None, help="score a fixed random N of the test split")
     p.add_argument("--seed", type=int, default=0)
@@ -76,8 +86,11 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--text-column", default=None)
     p.add_argument("--label-column", default=None)
-    p.add_argument("--task-type", default=None, help="text-classification, image-classification or causal-lm "
-                   "(default: from the data)")  # fmt: skip
+    p.add_argument(
+        "--task-type",
+        default=None,
+        help="text-classification, image-classification or causal-lm (default: from the data)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
@@ -139,12 +152,18 @@ def make_parser() -> argparse.ArgumentParser:
     be.add_argument("--suite", choices=("text", "conv", "vit", "speed", "all"), default="all")
     be.add_argument("--seeds", type=int, default=3, help="final runs per method (at the chosen lr)")
     be.add_argument("--quick", action="store_true", help="tiny subsets, one seed, one lr: checks the machinery")
-    be.add_argument("--out", default="bench", help="folder for runs, results.json, leaderboard.md and plots; "
-                    "finished runs found there are not run again")  # fmt: skip
+    be.add_argument(
+        "--out",
+        default="bench",
+        help="folder for runs, results.json, leaderboard.md and plots; finished runs found there are not run again",
+    )
     be.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     be.add_argument("--rounds", type=int, default=None, help="speed suite: interleaved timed steps (default 20)")
-    be.add_argument("--sections", default=None, help="speed suite: a comma list of text, conv, surm, attention, "
-                    "compile, decoder, products (default: all)")  # fmt: skip
+    be.add_argument(
+        "--sections",
+        default=None,
+        help="speed suite: a comma list of text, conv, surm, attention, compile, decoder, products (default: all)",
+    )
     return parser
 
 
@@ -155,8 +174,9 @@ def _speed_run(args: argparse.Namespace, argv: list[str]) -> Callable[[], object
     names = [n.strip() for n in args.sections.split(",")] if args.sections else [*speed.SECTIONS, "products"]
     unknown = [n for n in names if n not in speed.SECTIONS and n != "products"]
     if unknown:
-        raise run.UsageError(f"--sections: unknown {', '.join(unknown)}; the sections are "
-                             f"{', '.join([*speed.SECTIONS, 'products'])}")  # fmt: skip
+        raise run.UsageError(
+            f"--sections: unknown {', '.join(unknown)}; the sections are {', '.join([*speed.SECTIONS, 'products'])}"
+        )
     scale = speed.QUICK if args.quick else speed.Scale()
     if args.rounds is not None:
         if args.rounds < 1:
@@ -164,8 +184,9 @@ def _speed_run(args: argparse.Namespace, argv: list[str]) -> Callable[[], object
         scale = dataclasses.replace(scale, rounds=args.rounds)
     device = run.checked_device(args.device)
     sections = [n for n in names if n != "products"]
-    return lambda: speed.run_speed(Path(args.out) / "speed", device, scale, sections, "products" in names,
-                                   " ".join(["structpeft", *argv]))  # fmt: skip
+    return lambda: speed.run_speed(
+        Path(args.out) / "speed", device, scale, sections, "products" in names, " ".join(["structpeft", *argv])
+    )
 
 
 PRESET_TASK = {"minilm": "rotten-tomatoes"}  # budget's default task per model preset; vision: fashion-mnist
@@ -207,8 +228,13 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         speed_run = _speed_run(args, argv) if args.suite in ("speed", "all") else None
         if args.suite != "speed":
             suites = list(bench.SUITES) if args.suite == "all" else [args.suite]
-            options = bench.Options(seeds=1 if args.quick else args.seeds, quick=args.quick, out=Path(args.out),
-                                    device=args.device, command=" ".join(["structpeft", *argv]))  # fmt: skip
+            options = bench.Options(
+                seeds=1 if args.quick else args.seeds,
+                quick=args.quick,
+                out=Path(args.out),
+                device=args.device,
+                command=" ".join(["structpeft", *argv]),
+            )
             bench.bench(suites, options)
         if speed_run is not None:
             speed_run()

@@ -95,13 +95,19 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         values = [v for _, v in scored]
         out.append(
             {
-                "model": model, "task": task, "method": method, "train": n_train, "lr": lr, "runs": len(runs),
-                "metric": metric, "mean": statistics.mean(values) if values else None,
+                "model": model,
+                "task": task,
+                "method": method,
+                "train": n_train,
+                "lr": lr,
+                "runs": len(runs),
+                "metric": metric,
+                "mean": statistics.mean(values) if values else None,
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "params": runs[0].get("trainable_params"),
                 "step_ms": statistics.mean(r.get("step_time_ms") or 0 for r in runs),
             }
-        )  # fmt: skip
+        )
     return sorted(out, key=lambda s: (str(s["model"]), str(s["task"]), -(s["mean"] or 0)))
 
 
@@ -115,9 +121,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for s in summarise(rows):
         value = "-" if s["mean"] is None else f"{s['mean']:.2f} ± {s['std']:.2f}"
         table.add_row(
-            str(s["model"]), str(s["task"]), str(s["method"]), str(s["train"]), f"{s['lr']:g}" if s["lr"] else "-",
-            str(s["runs"]), f"{s['metric']} {value}", f"{s['params']:,}" if s["params"] else "-", f"{s['step_ms']:.0f}",
-        )  # fmt: skip
+            str(s["model"]),
+            str(s["task"]),
+            str(s["method"]),
+            str(s["train"]),
+            f"{s['lr']:g}" if s["lr"] else "-",
+            str(s["runs"]),
+            f"{s['metric']} {value}",
+            f"{s['params']:,}" if s["params"] else "-",
+            f"{s['step_ms']:.0f}",
+        )
     Console().print(table)
 
 

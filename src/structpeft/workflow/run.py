@@ -89,14 +89,25 @@ class RunSpec:
 
 def check_spec(spec: RunSpec) -> None:
     """Every flag, the model and task references and the method, before anything loads."""
-    positive = {"epochs": spec.epochs, "batch_size": spec.batch_size, "grad_accum": spec.grad_accum,
-                "max_length": spec.max_length}  # fmt: skip
-    for name, value in {**positive, "image_size": spec.image_size, "train_size": spec.train_size,
-                        "test_size": spec.test_size}.items():  # fmt: skip
+    positive = {
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
+        "grad_accum": spec.grad_accum,
+        "max_length": spec.max_length,
+    }
+    for name, value in {
+        **positive,
+        "image_size": spec.image_size,
+        "train_size": spec.train_size,
+        "test_size": spec.test_size,
+    }.items():
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    for name, value, low in (("lr", spec.lr, 0.0), ("weight-decay", spec.weight_decay, None),
-                             ("max-grad-norm", spec.max_grad_norm, None)):  # fmt: skip
+    for name, value, low in (
+        ("lr", spec.lr, 0.0),
+        ("weight-decay", spec.weight_decay, None),
+        ("max-grad-norm", spec.max_grad_norm, None),
+    ):
         if value is None:
             continue
         if not math.isfinite(value) or (low is not None and value <= low) or value < 0:
@@ -122,8 +133,11 @@ def check_spec(spec: RunSpec) -> None:
         raise UsageError(f"--out {spec.out} is a file; give a folder (it is created if missing)")
     if Path(spec.results).is_dir():
         raise UsageError(f"--results {spec.results} is a folder; give a file path (JSON lines are appended)")
-    for check in (lambda: check_model_ref(spec.model), lambda: check_task_ref(spec.task),
-                  lambda: recipes.check_method(spec.method, spec.settings)):  # fmt: skip
+    for check in (
+        lambda: check_model_ref(spec.model),
+        lambda: check_task_ref(spec.task),
+        lambda: recipes.check_method(spec.method, spec.settings),
+    ):
         try:
             check()
         except ValueError as e:
@@ -160,28 +174,48 @@ def uses_chat_template(choice: str, loaded: LoadedModel, task: Task) -> bool:
 
 def _load(spec: RunSpec) -> tuple[Task, LoadedModel]:
     task = load_task(
-        spec.task, task_type=spec.task_type, text_column=spec.text_column, label_column=spec.label_column,
-        val_size=int(spec.val_size) if spec.val_size >= 1 else spec.val_size, seed=spec.seed,
-        train_size=spec.train_size, test_size=spec.test_size,
-    )  # fmt: skip
+        spec.task,
+        task_type=spec.task_type,
+        text_column=spec.text_column,
+        label_column=spec.label_column,
+        val_size=int(spec.val_size) if spec.val_size >= 1 else spec.val_size,
+        seed=spec.seed,
+        train_size=spec.train_size,
+        test_size=spec.test_size,
+    )
     torch.manual_seed(spec.seed)  # the new head's initialisation
     return task, load_model(spec.model, task)
 
 
 def _settings(spec: RunSpec, recipe: recipes.Recipe) -> TrainSettings:
     return TrainSettings(
-        epochs=spec.epochs, batch_size=spec.batch_size, grad_accum=spec.grad_accum, lr=spec.lr or recipe.lr,
-        lr_by_method=recipe.lr_by_method, weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio,
-        max_grad_norm=spec.max_grad_norm or None, max_length=spec.max_length, image_size=spec.image_size,
-        seed=spec.seed, bf16=spec.bf16, device=spec.device, compile=spec.compile, progress=spec.progress,
-    )  # fmt: skip
+        epochs=spec.epochs,
+        batch_size=spec.batch_size,
+        grad_accum=spec.grad_accum,
+        lr=spec.lr or recipe.lr,
+        lr_by_method=recipe.lr_by_method,
+        weight_decay=spec.weight_decay,
+        warmup_ratio=spec.warmup_ratio,
+        max_grad_norm=spec.max_grad_norm or None,
+        max_length=spec.max_length,
+        image_size=spec.image_size,
+        seed=spec.seed,
+        bf16=spec.bf16,
+        device=spec.device,
+        compile=spec.compile,
+        progress=spec.progress,
+    )
 
 
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "structpeft": sp.__version__}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "structpeft": sp.__version__,
+    }
 
 
 def checked_device(name: str) -> torch.device:
@@ -235,16 +269,30 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
     row: dict[str, Any] = {
-        "status": "running", "model": loaded.ref, "family": loaded.family, "task": task.name, "kind": task.kind,
-        "method": spec.method, "seed": spec.seed, "lr": settings.lr, "lr_by_method": settings.lr_by_method,
-        "recipe": recipe.describe(), "trainable_params": trainable,
-        "total_params": sum(p.numel() for p in model.parameters()), "train_examples": len(task.train),
-        "val_examples": len(task.val), "test_examples": len(task.test), "labels": task.label_names,
-        "data": task.source, "data_fingerprint": task.fingerprint(), "device": str(device),
+        "status": "running",
+        "model": loaded.ref,
+        "family": loaded.family,
+        "task": task.name,
+        "kind": task.kind,
+        "method": spec.method,
+        "seed": spec.seed,
+        "lr": settings.lr,
+        "lr_by_method": settings.lr_by_method,
+        "recipe": recipe.describe(),
+        "trainable_params": trainable,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "train_examples": len(task.train),
+        "val_examples": len(task.val),
+        "test_examples": len(task.test),
+        "labels": task.label_names,
+        "data": task.source,
+        "data_fingerprint": task.fingerprint(),
+        "device": str(device),
         "processes": processes.world,
-        "versions": _versions(), "command": shlex.join(command) if command is not None else None,
+        "versions": _versions(),
+        "command": shlex.join(command) if command is not None else None,
         "spec": dataclasses.asdict(spec),
-    }  # fmt: skip
+    }
     if task.kind == "causal-lm" and spec.resume and (earlier := _earlier_base_validation(out)):
         row["base_val"] = earlier
     if processes.is_main:
@@ -256,9 +304,18 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
             row["base_val"] = _base_validation(model, loaded, task, settings, processes)
             if processes.is_main:
                 results.write_json(out / results.RUN_FILE, row)
-        fit(model, loaded, task, settings, log, on_best=lambda epoch: save_trained(model, out),
-            checkpoint=out / CHECKPOINT_DIR, save_every=spec.save_every,
-            resume=spec.resume, processes=processes)  # fmt: skip
+        fit(
+            model,
+            loaded,
+            task,
+            settings,
+            log,
+            on_best=lambda epoch: save_trained(model, out),
+            checkpoint=out / CHECKPOINT_DIR,
+            save_every=spec.save_every,
+            resume=spec.resume,
+            processes=processes,
+        )
         if spec.score_test:
             show = processes.is_main and bar_mode(settings.progress) == "bar"
             row["test"] = evaluate(model, loaded, task, "test", settings, progress=show, processes=processes)

@@ -194,9 +194,12 @@ def text_section(device: torch.device, scale: Scale) -> Iterator[Section]:
             work.adapted("lora r=8", sp.LoraConfig(r=8, alpha=16, target_modules=TEXT_TARGETS, **head)),
             work.adapted("flora r=8", sp.FloraConfig(r=8, alpha=16, target_modules=TEXT_TARGETS, **head)),
         ],
-        [Ratio("lora r=8", "hf-peft lora r=8", 1.05), Ratio("flora r=8", "lora r=8", 1.10),
-         Ratio("flora r=8", "hf-peft lora r=8")],
-    )  # fmt: skip
+        [
+            Ratio("lora r=8", "hf-peft lora r=8", 1.05),
+            Ratio("flora r=8", "lora r=8", 1.10),
+            Ratio("flora r=8", "hf-peft lora r=8"),
+        ],
+    )
 
 
 def _conv_pair(base: nn.Module, targets: list[str], lora_r: int, loss, device: torch.device) -> list[Candidate]:
@@ -212,8 +215,10 @@ def _conv_pair(base: nn.Module, targets: list[str], lora_r: int, loss, device: t
         best = (r, config)
     if best is None:
         raise ValueError(f"no FLoRA rank fits HF LoRA-conv r={lora_r}'s {budget:,} parameters")
-    return [Candidate(f"hf-peft lora-conv r={lora_r}", hf, loss),
-            Candidate(f"flora r={best[0]}", _wrap(base, best[1], device), loss)]  # fmt: skip
+    return [
+        Candidate(f"hf-peft lora-conv r={lora_r}", hf, loss),
+        Candidate(f"flora r={best[0]}", _wrap(base, best[1], device), loss),
+    ]
 
 
 def conv_section(device: torch.device, scale: Scale) -> Iterator[Section]:
@@ -233,24 +238,36 @@ def conv_section(device: torch.device, scale: Scale) -> Iterator[Section]:
         return F.cross_entropy(model(images), labels)
 
     net_pair = _conv_pair(net, targets, 8, loss, device)
-    yield Section(f"MobileNetV2, {len(targets)} groups=1 convs, batch {scale.conv_batch} @ {scale.conv_pixels}px",
-                  net_pair, [Ratio(net_pair[1].name, net_pair[0].name, 1.0)])  # fmt: skip
+    yield Section(
+        f"MobileNetV2, {len(targets)} groups=1 convs, batch {scale.conv_batch} @ {scale.conv_pixels}px",
+        net_pair,
+        [Ratio(net_pair[1].name, net_pair[0].name, 1.0)],
+    )
 
     # Ours on every conv, the depthwise ones too (as the conv suite runs them): there LoRA convolves
     # with ΔW instead of its groups·r-wide factored path, and FLoRA keeps its Tucker factors.
     every = list(convs)
-    ours = [Candidate(name, _wrap(net, config(r=8, alpha=16, target_modules=every), device), loss)
-            for name, config in (("lora r=8", sp.LoraConfig), ("flora r=8", sp.FloraConfig))]  # fmt: skip
+    ours = [
+        Candidate(name, _wrap(net, config(r=8, alpha=16, target_modules=every), device), loss)
+        for name, config in (("lora r=8", sp.LoraConfig), ("flora r=8", sp.FloraConfig))
+    ]
     depthwise = len(every) - len(targets)  # groups > 1
-    yield Section(f"MobileNetV2, all {len(every)} convs ({depthwise} depthwise), batch {scale.conv_batch} @ "
-                  f"{scale.conv_pixels}px", ours, [Ratio("flora r=8", "lora r=8")])  # fmt: skip
+    yield Section(
+        f"MobileNetV2, all {len(every)} convs ({depthwise} depthwise), batch {scale.conv_batch} @ "
+        f"{scale.conv_pixels}px",
+        ours,
+        [Ratio("flora r=8", "lora r=8")],
+    )
 
     conv = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1)).requires_grad_(False)
     side = max(scale.conv_pixels // 4, 4)
     x = torch.randn(scale.conv_batch, 256, side, side, generator=g).to(device)
     conv_pair = _conv_pair(conv, ["0"], 16, lambda m: m(x).square().mean(), device)
-    yield Section(f"one 256->256 3x3 conv, batch {scale.conv_batch} @ {side}x{side}",
-                  conv_pair, [Ratio(conv_pair[1].name, conv_pair[0].name, 1.0)])  # fmt: skip
+    yield Section(
+        f"one 256->256 3x3 conv, batch {scale.conv_batch} @ {side}x{side}",
+        conv_pair,
+        [Ratio(conv_pair[1].name, conv_pair[0].name, 1.0)],
+    )
 
 
 def surm_section(device: torch.device, scale: Scale) -> Iterator[Section]:
@@ -270,11 +287,15 @@ def surm_section(device: torch.device, scale: Scale) -> Iterator[Section]:
             work.adapted("surm ldr r=6", surm(structure="ldr", rank=6)),  # the text suite's LoRA r=8 budget
             work.adapted("surm circulant adapters", sp.SurmConfig(mode="adapter", target_modules=houlsby, **head)),
         ],
-        [Ratio("surm circulant", "hf-peft c3a b=384", 1.0), Ratio("surm circulant", "hf-peft lora r=8", 1.3),
-         Ratio("surm toeplitz", "hf-peft lora r=8"), Ratio("surm kronecker", "hf-peft lora r=8"),
-         Ratio("surm ldr r=6", "hf-peft lora r=8"),
-         Ratio("surm circulant adapters", "hf-peft lora r=8")],
-    )  # fmt: skip
+        [
+            Ratio("surm circulant", "hf-peft c3a b=384", 1.0),
+            Ratio("surm circulant", "hf-peft lora r=8", 1.3),
+            Ratio("surm toeplitz", "hf-peft lora r=8"),
+            Ratio("surm kronecker", "hf-peft lora r=8"),
+            Ratio("surm ldr r=6", "hf-peft lora r=8"),
+            Ratio("surm circulant adapters", "hf-peft lora r=8"),
+        ],
+    )
 
 
 # Kernel-mix at (1, 2, 2, 4) against LoRA on q, v, o at the same parameter count: 3·768·r per layer
@@ -301,24 +322,28 @@ def attention_section(device: torch.device, scale: Scale) -> Iterator[Section]:
             continue
         lora = lambda qvo=qvo: sp.LoraConfig(r=8, alpha=16, target_modules=qvo)  # noqa: E731
         same = f"lora r={rank} on q,v,o"
-        yield Section(titles[name], [
-            work.frozen("frozen base (eager)"),
-            work.adapted("coeff", sp.CoeffConfig(), "sdpa"),
-            work.adapted("lora r=8 (eager)", lora(), "eager"),
-            work.adapted("lora r=8 (sdpa)", lora(), "sdpa"),
-            work.adapted("coeff + lora r=8", [sp.CoeffConfig(), lora()], "sdpa"),
-            work.adapted("coeff + lora r=8, chunked", [sp.CoeffConfig(chunk_size=16), lora()], "sdpa"),
-            work.adapted("kernel-mix (1,2,2,4)", sp.KernelMixConfig(), "sdpa"),
-            # with Kernel-mix's default adapter dropout, for the same work per step
-            work.adapted(same, sp.LoraConfig(r=rank, alpha=rank, dropout=0.1, target_modules=qvo), "sdpa"),
-        ], [
-            Ratio("coeff", "frozen base (eager)", 1.15),
-            Ratio("coeff + lora r=8", "lora r=8 (eager)", 1.15),
-            Ratio("coeff + lora r=8", "lora r=8 (sdpa)"),
-            Ratio("coeff + lora r=8, chunked", "coeff + lora r=8"),
-            Ratio("kernel-mix (1,2,2,4)", same, 1.2),
-            Ratio("kernel-mix (1,2,2,4)", "lora r=8 (sdpa)"),
-        ])  # fmt: skip
+        yield Section(
+            titles[name],
+            [
+                work.frozen("frozen base (eager)"),
+                work.adapted("coeff", sp.CoeffConfig(), "sdpa"),
+                work.adapted("lora r=8 (eager)", lora(), "eager"),
+                work.adapted("lora r=8 (sdpa)", lora(), "sdpa"),
+                work.adapted("coeff + lora r=8", [sp.CoeffConfig(), lora()], "sdpa"),
+                work.adapted("coeff + lora r=8, chunked", [sp.CoeffConfig(chunk_size=16), lora()], "sdpa"),
+                work.adapted("kernel-mix (1,2,2,4)", sp.KernelMixConfig(), "sdpa"),
+                # with Kernel-mix's default adapter dropout, for the same work per step
+                work.adapted(same, sp.LoraConfig(r=rank, alpha=rank, dropout=0.1, target_modules=qvo), "sdpa"),
+            ],
+            [
+                Ratio("coeff", "frozen base (eager)", 1.15),
+                Ratio("coeff + lora r=8", "lora r=8 (eager)", 1.15),
+                Ratio("coeff + lora r=8", "lora r=8 (sdpa)"),
+                Ratio("coeff + lora r=8, chunked", "coeff + lora r=8"),
+                Ratio("kernel-mix (1,2,2,4)", same, 1.2),
+                Ratio("kernel-mix (1,2,2,4)", "lora r=8 (sdpa)"),
+            ],
+        )
 
 
 def compile_section(device: torch.device, scale: Scale) -> Iterator[Section]:
@@ -353,20 +378,24 @@ def decoder_section(device: torch.device, scale: Scale) -> Iterator[Section]:
         return
     lora = lambda: sp.LoraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)  # noqa: E731
     reference = "hf-peft lora r=8"
-    yield Section(title, [
-        work.adapted(reference, peft.LoraConfig(r=8, lora_alpha=16, target_modules=DECODER_TARGETS)),
-        work.adapted("lora r=8", lora()),
-        work.adapted("flora r=8", sp.FloraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)),
-        work.adapted("kernel-mix (1,2,2,4)", sp.KernelMixConfig()),
-        work.adapted("coeff + lora r=8", [sp.CoeffConfig(), lora()], "sdpa"),
-        work.adapted("surm circulant", sp.SurmConfig(target_modules=DECODER_TARGETS)),
-    ], [
-        Ratio("lora r=8", reference, 1.02),
-        Ratio("flora r=8", reference, 1.02),
-        Ratio("kernel-mix (1,2,2,4)", reference, 1.05),
-        Ratio("coeff + lora r=8", reference, 1.05),
-        Ratio("surm circulant", reference, 1.10),
-    ])  # fmt: skip
+    yield Section(
+        title,
+        [
+            work.adapted(reference, peft.LoraConfig(r=8, lora_alpha=16, target_modules=DECODER_TARGETS)),
+            work.adapted("lora r=8", lora()),
+            work.adapted("flora r=8", sp.FloraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)),
+            work.adapted("kernel-mix (1,2,2,4)", sp.KernelMixConfig()),
+            work.adapted("coeff + lora r=8", [sp.CoeffConfig(), lora()], "sdpa"),
+            work.adapted("surm circulant", sp.SurmConfig(target_modules=DECODER_TARGETS)),
+        ],
+        [
+            Ratio("lora r=8", reference, 1.02),
+            Ratio("flora r=8", reference, 1.02),
+            Ratio("kernel-mix (1,2,2,4)", reference, 1.05),
+            Ratio("coeff + lora r=8", reference, 1.05),
+            Ratio("surm circulant", reference, 1.10),
+        ],
+    )
 
 
 SECTIONS: dict[str, Callable[[torch.device, Scale], Iterator[Section]]] = {
@@ -417,17 +446,23 @@ def device_name(device: torch.device) -> str:
 def measure(section: Section, scale: Scale, device: torch.device) -> dict[str, Any]:
     figures = compare(section.candidates, scale.rounds, scale.warmup)
     rows = [
-        {"candidate": name, "device": str(device), "trainable": f["trainable"], "step_ms": 1000 * f["step_s"],
-         "memory_mib": f["memory_bytes"] / 2**20}
+        {
+            "candidate": name,
+            "device": str(device),
+            "trainable": f["trainable"],
+            "step_ms": 1000 * f["step_s"],
+            "memory_mib": f["memory_bytes"] / 2**20,
+        }
         for name, f in figures.items()
-    ]  # fmt: skip
+    ]
     ratios = []
     for r in section.ratios:
         time_ratio = figures[r.a]["step_s"] / figures[r.b]["step_s"]
         memory_ratio = figures[r.a]["memory_bytes"] / max(figures[r.b]["memory_bytes"], 1)
         met = None if r.target is None else time_ratio <= r.target
-        ratios.append({"a": r.a, "b": r.b, "step_time": time_ratio, "memory": memory_ratio,
-                       "target": r.target, "met": met})  # fmt: skip
+        ratios.append(
+            {"a": r.a, "b": r.b, "step_time": time_ratio, "memory": memory_ratio, "target": r.target, "met": met}
+        )
     return {"title": section.title, "rows": rows, "ratios": ratios}
 
 
@@ -442,15 +477,23 @@ def section_text(block: dict[str, Any], memory_label: str) -> str:
 
 
 def products_text(table: dict[str, Any]) -> str:
-    lines = [f"## fast product / dense matmul, forward + backward on {table['vectors']} vectors (< 1: fast wins)",
-             f"{'family':<14}" + "".join(f"{f'n={n}':>10}" for n in table["sizes"])]  # fmt: skip
+    lines = [
+        f"## fast product / dense matmul, forward + backward on {table['vectors']} vectors (< 1: fast wins)",
+        f"{'family':<14}" + "".join(f"{f'n={n}':>10}" for n in table["sizes"]),
+    ]
     for name, cells in table["ratio_to_dense"].items():
         lines.append(f"{name:<14}" + "".join(f"{c:>9.2f}x" for c in cells))
     return "\n".join(lines)
 
 
-def run_speed(out: Path, device: torch.device, scale: Scale = Scale(), sections: list[str] | None = None,
-              products: bool = True, command: str = "") -> dict[str, Any]:  # fmt: skip
+def run_speed(
+    out: Path,
+    device: torch.device,
+    scale: Scale = Scale(),
+    sections: list[str] | None = None,
+    products: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
     """Measure the named sections (default: all) and the product table; write ``speed.json`` and
     ``speed.md`` in ``out`` after each section, so an interrupted suite keeps what it measured."""
     import peft
@@ -462,12 +505,21 @@ def run_speed(out: Path, device: torch.device, scale: Scale = Scale(), sections:
     out.mkdir(parents=True, exist_ok=True)
     memory_label = "peak CUDA MiB" if device.type == "cuda" else "saved-activation MiB"
     report: dict[str, Any] = {
-        "command": command, "device": device_name(device), "torch": torch.__version__, "peft": peft.__version__,
-        "rounds": scale.rounds, "memory": memory_label, "sections": [], "skipped": [], "products": None,
-    }  # fmt: skip
-    header = (f"# structpeft speed suite: {report['device']}, torch {torch.__version__}, peft {peft.__version__}, "
-              f"median of {scale.rounds} interleaved rounds"
-              + (" (--quick: tiny shapes, the ratios mean nothing)" if scale.quick else ""))  # fmt: skip
+        "command": command,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "rounds": scale.rounds,
+        "memory": memory_label,
+        "sections": [],
+        "skipped": [],
+        "products": None,
+    }
+    header = (
+        f"# structpeft speed suite: {report['device']}, torch {torch.__version__}, peft {peft.__version__}, "
+        f"median of {scale.rounds} interleaved rounds"
+        + (" (--quick: tiny shapes, the ratios mean nothing)" if scale.quick else "")
+    )
     print(header, flush=True)
 
     def write() -> None:
@@ -499,8 +551,12 @@ def run_speed(out: Path, device: torch.device, scale: Scale = Scale(), sections:
         report["products"] = product_table(device, scale)
         print("\n" + products_text(report["products"]), flush=True)
     write()
-    missed = [f"{b['title']}: {r['a']} / {r['b']} = {r['step_time']:.3f}x > {r['target']:.2f}x"
-              for b in report["sections"] for r in b["ratios"] if r["met"] is False]  # fmt: skip
+    missed = [
+        f"{b['title']}: {r['a']} / {r['b']} = {r['step_time']:.3f}x > {r['target']:.2f}x"
+        for b in report["sections"]
+        for r in b["ratios"]
+        if r["met"] is False
+    ]
     print("\nall targets met" if not missed else "\ntargets missed:\n  " + "\n  ".join(missed), flush=True)
     print(f"written: {out / SPEED_MD}, {out / SPEED_JSON}", flush=True)
     return report

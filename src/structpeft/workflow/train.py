@@ -150,8 +150,11 @@ def train_mode(model: nn.Module) -> None:
 
 def _batch_norms(model: nn.Module, trained: bool) -> list[nn.modules.batchnorm._BatchNorm]:
     """The model's batch norms whose own parameters train (``trained``), or the frozen ones."""
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and trains_own_parameters(m) == trained]  # fmt: skip
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and trains_own_parameters(m) == trained
+    ]
 
 
 T = TypeVar("T")
@@ -305,9 +308,10 @@ def fit(
                 step_start = time.perf_counter()
                 bar.update()
                 bar.set_postfix(
-                    epoch=epoch + 1, loss=f"{epoch_loss / epoch_batches:.4f}",
+                    epoch=epoch + 1,
+                    loss=f"{epoch_loss / epoch_batches:.4f}",
                     ex_s=f"{(epoch_batches - skip) * settings.batch_size / (step_start - epoch_start):.1f}",
-                )  # fmt: skip
+                )
                 if save_every and log.steps % save_every == 0:
                     log.train_seconds = time.perf_counter() - start
                     save(epoch, i + 1, epoch_generator_state, epoch_loss)

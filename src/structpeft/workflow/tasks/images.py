@@ -24,10 +24,16 @@ def fashion_mnist(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
 
     (train_x, train_y), (test_x, test_y) = load_fashion_mnist()
     return make_task(
-        "fashion-mnist", "image-classification", _from_tensors(train_x, train_y), _from_tensors(test_x, test_y),
-        val_size=val_size, seed=seed, label_names=list(FASHION_MNIST_LABELS), source={"preset": "fashion-mnist"},
+        "fashion-mnist",
+        "image-classification",
+        _from_tensors(train_x, train_y),
+        _from_tensors(test_x, test_y),
+        val_size=val_size,
+        seed=seed,
+        label_names=list(FASHION_MNIST_LABELS),
+        source={"preset": "fashion-mnist"},
         **sizes,
-    )  # fmt: skip
+    )
 
 
 def mnist_5k(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
@@ -35,9 +41,16 @@ def mnist_5k(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
 
     images, labels = load_mnist_5k()
     return make_task(
-        "mnist-5k", "image-classification", _from_tensors(images, labels), None,
-        val_size=val_size, seed=seed, label_names=[str(i) for i in range(10)], source={"preset": "mnist-5k"}, **sizes,
-    )  # fmt: skip
+        "mnist-5k",
+        "image-classification",
+        _from_tensors(images, labels),
+        None,
+        val_size=val_size,
+        seed=seed,
+        label_names=[str(i) for i in range(10)],
+        source={"preset": "mnist-5k"},
+        **sizes,
+    )
 
 
 def is_image_folder(path: Path) -> bool:
@@ -69,9 +82,16 @@ def image_folder(path: Path, *, val_size: float | int, seed: int, **sizes: Any) 
         for split, folders in found.items()
     }
     return make_task(
-        path.name, "image-classification", examples["train"], examples.get("test"),
-        val_size=val_size, seed=seed, label_names=classes, source={"path": str(path)}, **sizes,
-    )  # fmt: skip
+        path.name,
+        "image-classification",
+        examples["train"],
+        examples.get("test"),
+        val_size=val_size,
+        seed=seed,
+        label_names=classes,
+        source={"path": str(path)},
+        **sizes,
+    )
 
 
 def saved_image_dataset(splits: dict[str, Any], path: Path, image_column: str, label_column: str, **kw: Any) -> Task:
@@ -88,9 +108,14 @@ def saved_image_dataset(splits: dict[str, Any], path: Path, image_column: str, l
             ]
     names = list(splits["train"].features[label_column].names)
     return make_task(
-        path.name, "image-classification", examples["train"], examples.get("test"),
-        label_names=names, source={"path": str(path), "image_column": image_column}, **kw,
-    )  # fmt: skip
+        path.name,
+        "image-classification",
+        examples["train"],
+        examples.get("test"),
+        label_names=names,
+        source={"path": str(path), "image_column": image_column},
+        **kw,
+    )
 
 
 def decode_image(image: torch.Tensor | str | bytes) -> torch.Tensor:

@@ -98,9 +98,14 @@ def text_classification(
         start += len(texts)
     source = {"path": str(path), "text_column": text, "label_column": label}
     return make_task(
-        path.name, "text-classification", examples["train"], examples.get("test"),
-        label_names=classes, source=source, **kw,
-    )  # fmt: skip
+        path.name,
+        "text-classification",
+        examples["train"],
+        examples.get("test"),
+        label_names=classes,
+        source=source,
+        **kw,
+    )
 
 
 def rotten_tomatoes(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
@@ -110,9 +115,16 @@ def rotten_tomatoes(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
     train, test = load_rotten_tomatoes()
     as_dicts = lambda split: [{"text": e.text, "label": e.label} for e in split]  # noqa: E731
     return make_task(
-        "rotten-tomatoes", "text-classification", as_dicts(train), as_dicts(test),
-        val_size=val_size, seed=seed, label_names=list(LABELS), source={"preset": "rotten-tomatoes"}, **sizes,
-    )  # fmt: skip
+        "rotten-tomatoes",
+        "text-classification",
+        as_dicts(train),
+        as_dicts(test),
+        val_size=val_size,
+        seed=seed,
+        label_names=list(LABELS),
+        source={"preset": "rotten-tomatoes"},
+        **sizes,
+    )
 
 
 def wordnet_definitions(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
@@ -125,6 +137,12 @@ def wordnet_definitions(*, val_size: float | int, seed: int, **sizes: Any) -> Ta
     train = [{"prompt": p, "completion": c} for (p, c), held_out in rows.items() if not held_out]
     test = [{"prompt": p, "completion": c} for (p, c), held_out in rows.items() if held_out]
     return make_task(
-        "wordnet-definitions", "causal-lm", train, test, val_size=val_size, seed=seed,
-        source={"preset": "wordnet-definitions", "fields": ["prompt", "completion"]}, **sizes,
-    )  # fmt: skip
+        "wordnet-definitions",
+        "causal-lm",
+        train,
+        test,
+        val_size=val_size,
+        seed=seed,
+        source={"preset": "wordnet-definitions", "fields": ["prompt", "completion"]},
+        **sizes,
+    )
