@@ -330,3 +330,39 @@ def test_copies_of_a_model_keep_their_adapters_apart() -> None:
     twin = copy.deepcopy(model)
     twin.set_adapter("other")
     assert model.active_adapter == "default" and twin.active_adapter == "other"
+
+
+def test_adapter_parameters_names_each_methods_own_parameters() -> None:
+    from tests.models import tiny_llama
+
+    torch.manual_seed(0)
+    model = sp.get_peft_model(
+        tiny_llama(),
+        [sp.CoeffConfig(), sp.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])],
+    )
+    model.add_adapter("other", sp.LoraConfig(r=2, target_modules=["o_proj"]))
+    named = dict(model.named_parameters())
+    every = dict(model.adapter_parameters())
+    assert all(named[n] is p for n, p in every.items())  # the names are the model's own
+    coeff = dict(model.adapter_parameters(method="coeff"))
+    lora = dict(model.adapter_parameters(adapter="default", method="lora"))
+    assert coeff and all(n.endswith("coeff_alpha") for n in coeff)
+    assert lora and all(".lora_" in n and ".adapters.default.lora." in n for n in lora)
+    assert set(every) == set(coeff) | set(lora) | set(dict(model.adapter_parameters(adapter="other")))
+    heads = dict(model.saved_module_parameters())
+    assert heads and not set(heads) & set(every) and all(named[n] is p for n, p in heads.items())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert trainable == set(coeff) | set(lora) | set(heads)  # "other" is not active
+
+
+def test_each_method_trains_at_its_own_learning_rate() -> None:
+    from structpeft.workflow.train import TrainSettings, _optimizer
+    from tests.models import tiny_llama
+
+    model = sp.get_peft_model(tiny_llama(), [sp.CoeffConfig(), sp.LoraConfig(r=2, target_modules=["q_proj"])])
+    optimizer = _optimizer(model, TrainSettings(lr=1e-3, lr_by_method={"coeff": 5e-2}))
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    assert by_lr == {
+        5e-2: {id(p) for _, p in model.adapter_parameters(method="coeff")},
+        1e-3: {id(p) for _, p in model.adapter_parameters(method="lora")},
+    }

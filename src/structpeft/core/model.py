@@ -147,6 +147,35 @@ class PeftModel(nn.Module):
             elif (host := module_host(module)) is not None:
                 yield name, host
 
+    def adapter_parameters(
+        self, adapter: str | None = None, method: str | None = None
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the adapters' deltas: of ``adapter`` only if given, of one ``method``
+        (its ``peft_type`` in lower case: ``"lora"``, ``"coeff"``, ``"kernel_mix"``) only if given. The
+        whole-module copies of ``modules_to_save`` are not deltas: see :meth:`saved_module_parameters`."""
+        if adapter is not None:
+            self._check_exists([adapter])
+        base_prefix = "base_model."
+        for path, host in self.adapter_hosts():
+            prefix = (
+                f"{base_prefix}{path}." if isinstance(host, AdaptedLayer) else f"{base_prefix}{path}.{HOST_ATTRIBUTE}."
+            )
+            for name, deltas in host.adapters.items():
+                if adapter is not None and name != adapter:
+                    continue
+                for key, delta in deltas.items():
+                    if method is None or key == method:
+                        for param_name, param in delta.named_parameters():
+                            yield f"{prefix}adapters.{name}.{key}.{param_name}", param
+
+    def saved_module_parameters(self, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(name, parameter)`` of the adapters' whole-module copies (``modules_to_save``, a new head)."""
+        for path, module in self.saved_modules():
+            for name, copy_ in module.copies.items():
+                if adapter is None or name == adapter:
+                    for param_name, param in copy_.named_parameters():
+                        yield f"base_model.{path}.copies.{name}.{param_name}", param
+
     # -- adding and removing --------------------------------------------------------------
     def plan_adapter(self, adapter_name: str, configs: list[AdapterConfig]) -> dict[str, dict[str, AdapterDelta]]:
         """Build an adapter's deltas without touching the model: ``{layer path: {method: delta}}``.

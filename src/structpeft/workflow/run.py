@@ -499,10 +499,11 @@ SIZE_KNOBS = {
 
 
 def adapter_params(model: nn.Module) -> int:
-    """Trainable parameters of the adapter itself (not the new head's full copy: structpeft's ``.copies.``,
-    HF PEFT's ``.modules_to_save.``)."""
-    head_copy = (".copies.", ".modules_to_save.")
-    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not any(c in n for c in head_copy))
+    """Trainable parameters of the adapter itself, not the new head's full copy (``modules_to_save``)."""
+    if isinstance(model, sp.PeftModel):
+        return sum(p.numel() for _, p in model.adapter_parameters() if p.requires_grad)
+    # an HF PEFT reference: its head copies are the ``modules_to_save`` wrappers' parameters
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".modules_to_save." not in n)
 
 
 def load_for_sizing(model_ref: str, task_ref: str) -> LoadedModel:

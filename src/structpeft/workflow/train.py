@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+import structpeft as sp
 from structpeft.workflow.checkpointing import (
     Position,
     has_checkpoint,
@@ -123,14 +124,19 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[torc
 
 
 def _optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """One parameter group per learning rate: a method's own lr applies to its parameters, named
-    ``...adapters.<adapter>.<method>...`` by structpeft; everything else (the head too) takes ``lr``."""
-    patterns = {key: re.compile(rf"\.adapters\.[^.]+\.{re.escape(key)}\.") for key in settings.lr_by_method}
+    """One parameter group per learning rate: a method's own lr applies to its parameters (as the
+    structpeft model lists them, :meth:`~structpeft.PeftModel.adapter_parameters`); everything else (the
+    head too) takes ``lr``."""
+    own_lr: dict[nn.Parameter, float] = {}
+    if isinstance(model, sp.PeftModel):
+        for method, lr in settings.lr_by_method.items():
+            own_lr.update({p: lr for _, p in model.adapter_parameters(method=method)})
+    elif settings.lr_by_method:
+        raise ValueError(f"per-method learning rates {settings.lr_by_method} need a structpeft model")
     groups: dict[float, list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
-            key = next((k for k, pattern in patterns.items() if pattern.search(name)), None)
-            groups.setdefault(settings.lr_by_method[key] if key else settings.lr, []).append(p)
+            groups.setdefault(own_lr.get(p, settings.lr), []).append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters: did the method target anything?")
     return torch.optim.AdamW(
