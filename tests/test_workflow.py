@@ -455,3 +455,38 @@ def test_precise_bn_recomputes_the_statistics_of_the_batch_norms_that_train_and_
     torch.testing.assert_close(trained.running_var, torch.stack([f.var((0, 2, 3)) for f in features]).mean(0))
     assert torch.equal(frozen.running_mean, frozen_stats[0]) and torch.equal(frozen.running_var, frozen_stats[1])
     assert trained.momentum == 0.01 and model.training and trained.training and not frozen.training
+
+
+def test_the_workflow_imports_only_what_structpeft_exports() -> None:
+    """The workflow sits on the public API: ``structpeft``, what ``structpeft.core`` exports, the pure
+    ``structpeft.structured`` maths and the offline ``zoo``; never a library module's insides."""
+    import ast
+
+    import structpeft.core
+
+    root = Path(__file__).parents[1] / "src" / "structpeft" / "workflow"
+    allowed = ("structpeft.workflow", "structpeft.zoo", "structpeft.structured")
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("structpeft"):
+                module, names = node.module, [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                module, names = None, [a.name for a in node.names if a.name.startswith("structpeft")]
+                found += [f"{path.name}: import {n}" for n in names if n != "structpeft" and not n.startswith(allowed)]
+                continue
+            else:
+                continue
+            if module == "structpeft":
+                found += [f"{path.name}: structpeft.{n}" for n in names if n not in ("structured",) + tuple(sp_all())]
+            elif module == "structpeft.core":
+                found += [f"{path.name}: structpeft.core.{n}" for n in names if n not in structpeft.core.__all__]
+            elif not module.startswith(allowed):
+                found.append(f"{path.name}: {module}")
+    assert not found, found
+
+
+def sp_all() -> list[str]:
+    import structpeft
+
+    return list(structpeft.__all__)

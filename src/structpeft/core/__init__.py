@@ -1,6 +1,6 @@
 """Method-agnostic machinery: configs, injection, the wrapper model, checkpoint I/O."""
 
-from structpeft.core.atomic import atomic_write_dir, atomic_write_file
+from structpeft.core.atomic import atomic_write_dir, atomic_write_file, committed_path, recover
 from structpeft.core.checkpoint import CheckpointError
 from structpeft.core.config import AdapterConfig, register_method, registered_methods
 from structpeft.core.export import ExportReport, LayerExport, export_lora
@@ -26,10 +26,12 @@ __all__ = [
     "PeftModel",
     "atomic_write_dir",
     "atomic_write_file",
+    "committed_path",
     "export_lora",
     "get_peft_model",
     "layer_geometry",
     "module_host",
+    "recover",
     "register_method",
     "registered_methods",
 ]

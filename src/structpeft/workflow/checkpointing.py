@@ -19,8 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from structpeft.core import atomic_write_dir
-from structpeft.core.atomic import committed_path, recover
+from structpeft.core import atomic_write_dir, committed_path, recover
 
 CHECKPOINT_DIR = "checkpoint"
 _WEIGHTS, _BEST, _STATE, _OPTIMIZER = "trainable.safetensors", "best.safetensors", "state.json", "optimizer.pt"
