@@ -366,3 +366,29 @@ def test_each_method_trains_at_its_own_learning_rate() -> None:
         5e-2: {id(p) for _, p in model.adapter_parameters(method="coeff")},
         1e-3: {id(p) for _, p in model.adapter_parameters(method="lora")},
     }
+
+
+class _NamedLikeLora(AdapterDelta):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lora_A = nn.Linear(10, 1, bias=False)  # the key LoRA's own A takes: "lora_A.weight"
+
+    def forward(self, x, result, base_layer):
+        return result
+
+
+@register_method
+@dataclass
+class _NamedLikeLoraConfig(sp.AdapterConfig):
+    peft_type = "TEST_NAMED_LIKE_LORA"
+
+    def create_delta(self, layer, name):
+        return _NamedLikeLora()
+
+
+def test_two_methods_naming_a_tensor_alike_on_one_module_are_refused_when_planned() -> None:
+    base = MLP()
+    with pytest.raises(ValueError, match=r"methods lora and test_named_like_lora on module 'lin0'.*'lora_A.weight'"):
+        sp.get_peft_model(base, [lora(["lin0"]), _NamedLikeLoraConfig(target_modules=["lin0"])])
+    assert not any(isinstance(m, sp.AdaptedLayer) for m in base.modules())
+    sp.get_peft_model(MLP(), [lora(["lin0"]), _NamedLikeLoraConfig(target_modules=["lin1"])])  # apart: fine

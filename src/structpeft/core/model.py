@@ -203,6 +203,7 @@ class PeftModel(nn.Module):
                             f"{adapter_name!r}; make their target_modules disjoint"
                         )
                     deltas[method] = delta.to(device)
+        _check_unique_keys(plan)
         return plan
 
     def attach_adapter(
@@ -607,6 +608,22 @@ def _weights(host: AdapterHost) -> list[torch.Tensor]:
     if not isinstance(host, AdaptedLayer):
         return []
     return [t for t in (host.base_layer.weight, getattr(host.base_layer, "bias", None)) if t is not None]
+
+
+def _check_unique_keys(plan: dict[str, dict[str, AdapterDelta]]) -> None:
+    """Checkpoint keys leave the method out (HF PEFT's layout), so two methods on one module must not name
+    a tensor alike: the second would overwrite the first in the file. Refused when planned."""
+    owner: dict[str, str] = {}
+    for path, deltas in plan.items():
+        for method, delta in deltas.items():
+            for key in delta.state_dict():
+                full = f"{path}.{key}"
+                if full in owner:
+                    raise ValueError(
+                        f"methods {owner[full]} and {method} on module {path!r} both name a tensor {key!r}, so their "
+                        "checkpoints would collide; target different modules with them"
+                    )
+                owner[full] = method
 
 
 def _set_tie_word_embeddings(model: nn.Module, tied: bool) -> None:
