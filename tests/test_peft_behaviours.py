@@ -392,3 +392,28 @@ def test_two_methods_naming_a_tensor_alike_on_one_module_are_refused_when_planne
         sp.get_peft_model(base, [lora(["lin0"]), _NamedLikeLoraConfig(target_modules=["lin0"])])
     assert not any(isinstance(m, sp.AdaptedLayer) for m in base.modules())
     sp.get_peft_model(MLP(), [lora(["lin0"]), _NamedLikeLoraConfig(target_modules=["lin1"])])  # apart: fine
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        sp.LoraConfig(target_modules=["q_proj", "v_proj"], init_weights=False),
+        sp.FloraConfig(target_modules=["q_proj", "v_proj"], init_weights=False),
+        sp.SurmConfig(target_modules=["q_proj", "v_proj"], init_weights=False),
+        sp.KernelMixConfig(init_weights=False, dropout=0.0),
+        sp.CoeffConfig(init_weights=False, dropout=0.0),
+    ],
+    ids=lambda c: c.peft_type,
+)
+def test_a_model_cast_whole_to_bfloat16_runs_every_method(config) -> None:
+    from tests.models import tiny_llama
+
+    torch.manual_seed(0)
+    model = sp.get_peft_model(tiny_llama(), config).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        model.to(torch.bfloat16)  # one dtype rule: the deltas compute in their parameters' dtype
+        cast = model(input_ids=ids).logits
+    assert cast.dtype == torch.bfloat16
+    assert torch.allclose(cast.float(), reference, atol=5e-2), (cast.float() - reference).abs().max()

@@ -128,6 +128,17 @@ class AdapterDelta(nn.Module):
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The one dtype rule for every method: a delta computes in its own parameters' dtype (float32,
+        unless the model was cast whole, ``model.to(torch.bfloat16)``); its input is cast to it
+        (:meth:`adapter_input`) and its output back to the layer's."""
+        param = next(self.parameters(), None)
+        return torch.float32 if param is None else param.dtype
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.compute_dtype)
+
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into weights")
 

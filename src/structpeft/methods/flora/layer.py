@@ -69,9 +69,9 @@ class FloraDelta(AdapterDelta):
         if self.kind == "embedding":
             h = F.embedding(x, u_in) @ core.T @ u_out.T  # (..., dim)
         elif self.kind == "linear":
-            h = self.dropout(x.to(core.dtype)) @ u_in @ core.T @ u_out.T  # (..., d_out)
+            h = self.dropout(self.adapter_input(x)) @ u_in @ core.T @ u_out.T  # (..., d_out)
         elif self.groups == 1:
-            x = self.dropout(x.to(core.dtype))
+            x = self.dropout(self.adapter_input(x))
             if self._fold_input_factor(x):
                 # One conv C_in -> r_out with the kernel G ×_2 U_in ×_3 U_k1 ... (like LoRA's A).
                 kernel = tucker_to_tensor(core, [None, u_in, *u_kernel])  # (r_out, C_in, k..)
@@ -83,7 +83,7 @@ class FloraDelta(AdapterDelta):
             h = pointwise_conv(h, u_out)  # (B, C_out, ..')
         else:
             dense = tucker_to_tensor(core, list(self.flora_factors))  # (C_out, C_in/groups, k..)
-            h = conv_like(base_layer, self.dropout(x.to(core.dtype)), dense, self.groups)
+            h = conv_like(base_layer, self.dropout(self.adapter_input(x)), dense, self.groups)
         return result + h.to(result.dtype)
 
     def _fold_input_factor(self, x: torch.Tensor) -> bool:

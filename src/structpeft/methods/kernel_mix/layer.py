@@ -154,7 +154,27 @@ def _row_index(rows: tuple[int, ...], out_features: int) -> torch.Tensor | None:
     return None if rows == tuple(range(out_features)) else torch.tensor(rows, dtype=torch.long)
 
 
-class _KernelMixDelta(AdapterDelta):
+class _LowRankParts(AdapterDelta):
+    """A delta that is a sum of factor pairs plus a bias, in its layer's output coordinates
+    (:meth:`placed`): one forward, one ΔW and one Δb for every Kernel-mix delta."""
+
+    dropout: nn.Module
+
+    def placed(self, base_layer: nn.Module) -> tuple[list[Factors], torch.Tensor | None]:
+        raise NotImplementedError
+
+    def forward(self, x, result, base_layer):
+        x = self.adapter_input(x)
+        return result + _low_rank(x, self.dropout(x), *self.placed(base_layer)).to(result.dtype)
+
+    def delta_weight(self, base_layer):
+        return _merged_weight(self.placed(base_layer)[0])
+
+    def delta_bias(self, base_layer):
+        return _merged_bias(*self.placed(base_layer))
+
+
+class _KernelMixDelta(_LowRankParts):
     """A delta made of Kernel-mix parts, each a :class:`Factors` pair, plus an output bias ``c``.
 
     ``rows``: where the parts' outputs go in the layer's output (a fused projection's query rows,
@@ -192,16 +212,6 @@ class _KernelMixDelta(AdapterDelta):
         factors = [Factors(f.down, self._placed(f.up), f.down_bias, f.keys) for f in self.factors(base_layer)]
         bias = self.bias()
         return factors, None if bias is None else self._placed(bias)
-
-    def forward(self, x, result, base_layer):
-        x = x.to(torch.float32)
-        return result + _low_rank(x, self.dropout(x), *self.placed(base_layer)).to(result.dtype)
-
-    def delta_weight(self, base_layer):
-        return _merged_weight(self.placed(base_layer)[0])
-
-    def delta_bias(self, base_layer):
-        return _merged_bias(*self.placed(base_layer))
 
 
 class KernelMixQuery(_KernelMixDelta):
@@ -257,7 +267,8 @@ class KernelMixValue(_KernelMixDelta):
             w, b = _weight(key), key.bias
             if self.key_rows is not None:
                 w, b = w[self.key_rows], None if b is None else b[self.key_rows]
-        return w.float(), None if b is None else b.float()
+        dtype = self.compute_dtype  # the frozen keys meet the adapter's factors in the adapter's dtype
+        return w.to(dtype), None if b is None else b.to(dtype)
 
     def factors(self, base_layer: nn.Module) -> list[Factors]:
         v = getattr(self, "v", None)
@@ -281,7 +292,7 @@ class KernelMixOutput(_KernelMixDelta):
         self._reset(config)
 
 
-class KernelMixFused(AdapterDelta):
+class KernelMixFused(_LowRankParts):
     """Q and V parts on one projection that makes both (GPT-2's ``c_attn``, GPT-NeoX's
     ``query_key_value``, Phi-3's ``qkv_proj``): one low-rank product whose up factor is zero on the
     rows neither writes (the keys, which drive V)."""
@@ -298,16 +309,6 @@ class KernelMixFused(AdapterDelta):
         (q_factors, q_bias), (v_factors, v_bias) = self.query.placed(base_layer), self.value.placed(base_layer)
         biases = [b for b in (q_bias, v_bias) if b is not None]
         return q_factors + v_factors, sum(biases) if biases else None
-
-    def forward(self, x, result, base_layer):
-        x = x.to(torch.float32)
-        return result + _low_rank(x, self.dropout(x), *self.placed(base_layer)).to(result.dtype)
-
-    def delta_weight(self, base_layer):
-        return _merged_weight(self.placed(base_layer)[0])
-
-    def delta_bias(self, base_layer):
-        return _merged_bias(*self.placed(base_layer))
 
 
 def kernel_mix_deltas(block: nn.Module, name: str, config: KernelMixConfig) -> dict[str, AdapterDelta]:

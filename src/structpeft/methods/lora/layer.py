@@ -63,17 +63,17 @@ class LoraDelta(AdapterDelta):
         if self.kind == "conv" and self.groups * self.A.shape[0] >= self.B.shape[0]:
             # A depthwise (or thinly grouped) conv: the factored path below would widen x to
             # groups*r channels, r times the output; ΔW is no larger than the base's own weight.
-            h = conv_like(base_layer, self.dropout(x.to(self.A.dtype)), self.delta_weight(base_layer), self.groups)
+            h = conv_like(base_layer, self.dropout(self.adapter_input(x)), self.delta_weight(base_layer), self.groups)
             return result + h.to(result.dtype)
         # The scale goes on B (r columns), not on the (batch x d_out) output: one full-size op less.
         scaled_b = self.B.flatten(1) * self.scaling  # (d_out, r)
         if self.kind == "embedding":
             h = F.embedding(x, self.A.T) @ scaled_b.T  # (..., dim)
         elif self.kind == "linear":
-            h = F.linear(self.lora_A(self.dropout(x.to(self.A.dtype))), scaled_b)  # (..., d_out)
+            h = F.linear(self.lora_A(self.dropout(self.adapter_input(x))), scaled_b)  # (..., d_out)
         else:
             a = self.A.repeat(self.groups, *(1,) * (self.A.dim() - 1))  # (groups*r, C_in/groups, k..)
-            h = conv_like(base_layer, self.dropout(x.to(a.dtype)), a, self.groups)  # (B, groups*r, ..)
+            h = conv_like(base_layer, self.dropout(self.adapter_input(x)), a, self.groups)  # (B, groups*r, ..)
             h = pointwise_conv(h, scaled_b, self.groups)  # (B, C_out, ..)
         return result + h.to(result.dtype)
 

@@ -192,9 +192,9 @@ class SurmDelta(AdapterDelta):
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         if self.adapter_mode:
-            h = self.surm.matmul(self.dropout(result.to(self.surm_bias.dtype)))  # (..., d_out)
+            h = self.surm.matmul(self.dropout(self.adapter_input(result)))  # (..., d_out)
             return result + (self.activation(self.alpha * h) + self.surm_bias).to(result.dtype)
-        h = self.surm.matmul(self.dropout(x.to(torch.float32)))  # (..., d_out)
+        h = self.surm.matmul(self.dropout(self.adapter_input(x)))  # (..., d_out); FFTs run in float32
         if self.alpha != 1.0:  # the default 1 skips a full-size multiply and its backward
             h = self.alpha * h
         return result + h.to(result.dtype)
