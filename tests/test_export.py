@@ -233,3 +233,38 @@ def test_arguments_are_checked(tmp_path) -> None:
     report = ours.export_lora(tmp_path, rank=2, adapter_name="other")
     assert [layer.name.rsplit(".", 1)[-1] for layer in report.layers] == ["value", "value"]
     assert "max relative error" in str(report)
+
+
+def test_a_rank_export_of_a_wide_layer_uses_a_truncated_svd_with_the_optimal_error(tmp_path) -> None:
+    """A fixed rank well below ΔW's runs a randomized SVD (fast on large layers); its factors must be as good
+    as the full SVD's (Eckart-Young) and the reported error the error of what was written."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(96, 160))
+    model = sp.get_peft_model(base, sp.SurmConfig(target_modules=["0"], init_weights=False))  # ΔW full rank
+    report = model.export_lora(tmp_path, rank=4)
+    delta = model.base_model[0].adapters["default"]["surm"].delta_weight(model.base_model[0].base_layer).double()
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    a = tensors["base_model.model.0.lora_A.weight"].double()
+    b = tensors["base_model.model.0.lora_B.weight"].double()
+    written = ((delta - b @ a).norm() / delta.norm()).item()
+    s = torch.linalg.svdvals(delta)
+    optimal = (s[4:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()).item()
+    assert report.layers[0].rank == 4 and report.layers[0].full_rank == 96
+    assert report.layers[0].relative_error == pytest.approx(written, rel=1e-6)
+    assert optimal <= written <= 1.01 * optimal  # a flat spectrum, the randomized SVD's hardest case
+    again = model.export_lora(tmp_path / "again", rank=4)
+    assert again.layers[0].relative_error == report.layers[0].relative_error  # seeded: the same every time
+
+
+def test_a_rank_export_of_a_low_rank_update_is_exact_through_the_truncated_svd(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = sp.get_peft_model(
+        nn.Sequential(nn.Linear(96, 160)), sp.LoraConfig(r=3, target_modules=["0"], init_weights=False)
+    )
+    x = torch.randn(5, 96)
+    expected = model(x)
+    report = model.export_lora(tmp_path, rank=3)
+    assert report.max_relative_error < 1e-6
+    peft = pytest.importorskip("peft")
+    exported = peft.PeftModel.from_pretrained(copy.deepcopy(model.unload()), tmp_path)
+    assert torch.allclose(exported(x), expected, atol=1e-5)
