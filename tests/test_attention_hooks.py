@@ -235,3 +235,15 @@ def test_deepcopy_and_pickle_of_a_hooked_multihead_attention() -> None:
             alphas(clone)[0].zero_()
         assert not torch.allclose(clone(**x), expected, atol=1e-4)  # the clone mixes with its own α
         assert torch.equal(model(**x), expected)
+
+
+def test_the_transformers_private_names_are_checked_in_one_place(monkeypatch) -> None:
+    from structpeft.attention import transformers_interface as ti
+
+    ti._check_private_names()  # the installed transformers has them
+    class Renamed:  # a transformers release whose interface names its mappings otherwise
+        _local_mapping: dict = {}
+
+    monkeypatch.setattr(ti, "AttentionInterface", Renamed)
+    with pytest.raises(ImportError, match=r"no _global_mapping.*knows transformers 5\.1 to 5\.25"):
+        ti._check_private_names()

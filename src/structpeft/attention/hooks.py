@@ -8,7 +8,8 @@ adapters disabled) the module runs exactly the attention it ran before, without 
 
 - transformers models: their attention modules look the function up by
   ``config._attn_implementation`` in the ``AttentionInterface`` their forward reads
-  (``ALL_ATTENTION_FUNCTIONS``). While a mixer is active, a forward pre-hook on the hooked module
+  (``ALL_ATTENTION_FUNCTIONS``; every private name of transformers this touches is read and checked in
+  :mod:`structpeft.attention.transformers_interface`). While a mixer is active, a forward pre-hook on the hooked module
   puts the mixed attention under that very name in the interface's local mapping, for the length
   of that module's forward only; a forward hook (run on errors too) takes it out again. Nothing
   is renamed: the model builds its masks and takes its branches for the implementation it runs,
@@ -30,7 +31,6 @@ All bookkeeping lives on the hooked module: its hooks and its adapter host.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from structpeft.attention import transformers_interface
 from structpeft.attention.anatomy import forms_own_maps, routes_through_interface
 from structpeft.attention.maps import SOFTMAXES, as_head_maps, mix_head_maps, mixed_head_attention, softmax_dim
 from structpeft.core.layers import module_host
@@ -201,19 +202,21 @@ class _Route:
 
     def __init__(self, owner: nn.Module, interface: Any, replaced: str) -> None:
         self.owner, self.interface, self.replaced, self.ran = owner, interface, replaced, False
-        self.saved = interface._local_mapping.get(replaced, _MISSING)
+        self.saved = transformers_interface.local_entry(interface, replaced, _MISSING)
         self.fallback = (
             self.saved
             if self.saved is not _MISSING
-            else interface._global_mapping.get(replaced) or functools.partial(_eager_fallback, replaced=replaced)
+            else transformers_interface.global_entry(interface, replaced)
+            or functools.partial(_eager_fallback, replaced=replaced)
         )
-        interface._local_mapping[replaced] = functools.partial(_mixed_attention_forward, route=self)
+        mixed = functools.partial(_mixed_attention_forward, route=self)
+        transformers_interface.set_local_entry(interface, replaced, mixed)
 
     def close(self) -> None:
         if self.saved is _MISSING:
-            self.interface._local_mapping.pop(self.replaced, None)
+            transformers_interface.remove_local_entry(self.interface, self.replaced)
         else:
-            self.interface._local_mapping[self.replaced] = self.saved
+            transformers_interface.set_local_entry(self.interface, self.replaced, self.saved)
 
     def missed(self) -> str:
         return (
@@ -298,14 +301,6 @@ def _refuse_unmixable(module: nn.Module, current: str, name: str = "") -> None:
         )
 
 
-def _interface_of(module: nn.Module) -> Any:
-    """The AttentionInterface ``module``'s forward looks its attention up in."""
-    interface = inspect.unwrap(type(module).forward).__globals__.get("ALL_ATTENTION_FUNCTIONS")
-    if interface is None:  # imported inside the forward: the library-wide instance
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as interface
-    return interface
-
-
 def _route_through_mixing(module: nn.Module, args: tuple) -> None:
     """Forward pre-hook: while a mixer is active, this module's attention lookup finds the mixed path."""
     if not active_mixers(module) or _ROUTED in module.__dict__:  # none, or re-entered
@@ -313,7 +308,7 @@ def _route_through_mixing(module: nn.Module, args: tuple) -> None:
     current = _implementation(getattr(module, "config", None))
     _refuse_unmixable(module, current)
     module.__dict__[_ROUTED] = (
-        _Route(module, _interface_of(module), current)
+        _Route(module, transformers_interface.interface_of(module), current)
         if routes_through_interface(module)
         else _OwnCodeMixing(module, active_mixers(module))
     )
