@@ -241,9 +241,32 @@ def test_the_transformers_private_names_are_checked_in_one_place(monkeypatch) ->
     from structpeft.attention import transformers_interface as ti
 
     ti._check_private_names()  # the installed transformers has them
+
     class Renamed:  # a transformers release whose interface names its mappings otherwise
         _local_mapping: dict = {}
 
     monkeypatch.setattr(ti, "AttentionInterface", Renamed)
     with pytest.raises(ImportError, match=r"no _global_mapping.*knows transformers 5\.1 to 5\.25"):
         ti._check_private_names()
+
+
+def test_one_head_count_rule_for_the_hooks_and_the_anatomy() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from structpeft.attention import hooks
+    from structpeft.attention.anatomy import declared_heads
+
+    config = SimpleNamespace(num_attention_heads=6)
+    own = nn.Module()
+    own.num_heads, own.config = 4, config
+    per_head = nn.Module()
+    per_head.head_dim, per_head.config = 8, config
+    shares_config = nn.Module()  # an MLP beside the attention, on the same config
+    shares_config.config = config
+    assert declared_heads(own) == hooks.num_heads(own) == 4
+    assert declared_heads(per_head) == hooks.num_heads(per_head) == 6
+    assert declared_heads(shares_config) is None
+    with pytest.raises(ValueError, match="cannot tell the number of heads"):
+        hooks.num_heads(shares_config)

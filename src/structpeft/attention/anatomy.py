@@ -104,16 +104,20 @@ def _int_attribute(obj: object, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def declared_heads(module: nn.Module) -> int | None:
+    """The one head-count rule: the query heads ``module`` declares as an attribute (``num_heads``,
+    ``num_attention_heads``, ``n_head``, ``n_heads``), or else its config's, when the module also
+    carries a per-head attribute (``head_dim``...): a config's head count says nothing of a module
+    that shares the config but has no heads (an MLP)."""
+    heads = _int_attribute(module, _HEAD_ATTRIBUTES)
+    if heads is None and _int_attribute(module, _PER_HEAD_ATTRIBUTES):
+        heads = _int_attribute(getattr(module, "config", None), _HEAD_ATTRIBUTES)
+    return heads
+
+
 def _query_heads(block: nn.Module) -> int | None:
-    """The number of query heads the block or one of its children declares: as an attribute, or in
-    its config when it has a per-head attribute too."""
-    for module in (block, *block.children()):
-        heads = _int_attribute(module, _HEAD_ATTRIBUTES)
-        if heads is None and _int_attribute(module, _PER_HEAD_ATTRIBUTES):
-            heads = _int_attribute(getattr(module, "config", None), _HEAD_ATTRIBUTES)
-        if heads:
-            return heads
-    return None
+    """The query heads the block or one of its children declares (:func:`declared_heads`)."""
+    return next((heads for m in (block, *block.children()) if (heads := declared_heads(m))), None)
 
 
 def _geometry(layer: nn.Module) -> tuple[int, int]:

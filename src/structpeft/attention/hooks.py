@@ -39,7 +39,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from structpeft.attention import transformers_interface
-from structpeft.attention.anatomy import forms_own_maps, routes_through_interface
+from structpeft.attention.anatomy import declared_heads, forms_own_maps, routes_through_interface
 from structpeft.attention.maps import SOFTMAXES, as_head_maps, mix_head_maps, mixed_head_attention, softmax_dim
 from structpeft.core.layers import module_host
 
@@ -101,20 +101,15 @@ def is_attention_module(module: nn.Module) -> bool:
 
 
 def num_heads(module: nn.Module) -> int:
-    """The number of query heads of an attention module (its own attribute, else its config's)."""
-    for attribute in ("num_heads", "num_attention_heads", "n_head", "n_heads"):
-        value = getattr(module, attribute, None)
-        if isinstance(value, int):
-            return value
-    config = getattr(module, "config", None)
-    for attribute in ("num_attention_heads", "n_head", "n_heads"):
-        value = getattr(config, attribute, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(
-        f"cannot tell the number of heads of {type(module).__name__}: it has no num_heads / num_attention_heads "
-        "attribute and neither has its config"
-    )
+    """The number of query heads of an attention module, by the anatomy's one rule
+    (:func:`~structpeft.attention.anatomy.declared_heads`)."""
+    heads = declared_heads(module)
+    if heads is None:
+        raise ValueError(
+            f"cannot tell the number of heads of {type(module).__name__}: it has no num_heads / num_attention_heads "
+            "attribute, nor a per-head attribute (head_dim...) beside a config that gives the head count"
+        )
+    return heads
 
 
 # -- transformers ---------------------------------------------------------------------------
