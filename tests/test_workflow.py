@@ -428,11 +428,21 @@ def test_a_runs_cpu_peak_memory_starts_at_its_reset() -> None:
     big = torch.ones(64 * 2**20)  # 256 MiB, written, so resident
     before = peak_memory_mib(cpu)["peak_rss_mib"]
     del big
+    if _resident_mib() > before - 200:  # seen once late in a full run: the allocator kept the freed pages
+        pytest.skip("the freed 256 MiB stayed resident, so a reset peak cannot be told from the old one")
     if not reset_peak_memory(cpu):
         pytest.skip("this system's resident-set peak cannot be reset (no writable /proc/self/clear_refs)")
     after = peak_memory_mib(cpu, since_reset=True)
     assert after["peak_rss_since"] == "run"
     assert after["peak_rss_mib"] < before - 200
+
+
+def _resident_mib() -> float:
+    import re
+
+    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").is_file() else ""
+    found = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(found.group(1)) / 1024 if found else 0.0
 
 
 def test_precise_bn_recomputes_the_statistics_of_the_batch_norms_that_train_and_no_others() -> None:
