@@ -54,20 +54,6 @@ def adapter_state_dict(model: PeftModel, adapter: str) -> dict[str, torch.Tensor
     return distributed.full_state(state)  # whole tensors, also from an FSDP2-sharded model
 
 
-def adapter_tensors(model: PeftModel, adapter: str) -> dict[str, torch.Tensor]:
-    """The live tensors of ``adapter`` (not copies), under their checkpoint keys, to load into in place."""
-    live: dict[str, torch.Tensor] = {}
-    for name, host in model.adapter_hosts():
-        if adapter in host.adapters:
-            for delta in host.adapters[adapter].values():
-                live.update({f"{KEY_PREFIX}{name}.{k}": v for k, v in delta.state_dict(keep_vars=True).items()})
-    for name, module in model.saved_modules():
-        if adapter in module.copies:
-            state = module.copies[adapter].state_dict(keep_vars=True)
-            live.update({f"{KEY_PREFIX}{name}.{k}": v for k, v in state.items()})
-    return live
-
-
 def same_configs(saved: list[AdapterConfig], live: list[AdapterConfig]) -> bool:
     """Whether a checkpoint's configs describe the same adapter (the base model's name aside)."""
 

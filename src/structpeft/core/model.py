@@ -155,26 +155,27 @@ class PeftModel(nn.Module):
         whole-module copies of ``modules_to_save`` are not deltas: see :meth:`saved_module_parameters`."""
         if adapter is not None:
             self._check_exists([adapter])
-        base_prefix = "base_model."
-        for path, host in self.adapter_hosts():
-            prefix = (
-                f"{base_prefix}{path}." if isinstance(host, AdaptedLayer) else f"{base_prefix}{path}.{HOST_ATTRIBUTE}."
-            )
-            for name, deltas in host.adapters.items():
-                if adapter is not None and name != adapter:
-                    continue
-                for key, delta in deltas.items():
-                    if method is None or key == method:
-                        for param_name, param in delta.named_parameters():
-                            yield f"{prefix}adapters.{name}.{key}.{param_name}", param
+        wanted = {
+            param
+            for _, host in self.adapter_hosts()
+            for name, deltas in host.adapters.items()
+            if adapter is None or name == adapter
+            for key, delta in deltas.items()
+            if method is None or key == method
+            for param in delta.parameters()
+        }
+        return ((n, p) for n, p in self.named_parameters() if p in wanted)  # named as the model names them
 
     def saved_module_parameters(self, adapter: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
         """``(name, parameter)`` of the adapters' whole-module copies (``modules_to_save``, a new head)."""
-        for path, module in self.saved_modules():
-            for name, copy_ in module.copies.items():
-                if adapter is None or name == adapter:
-                    for param_name, param in copy_.named_parameters():
-                        yield f"base_model.{path}.copies.{name}.{param_name}", param
+        wanted = {
+            param
+            for _, module in self.saved_modules()
+            for name, copy_ in module.copies.items()
+            if adapter is None or name == adapter
+            for param in copy_.parameters()
+        }
+        return ((n, p) for n, p in self.named_parameters() if p in wanted)
 
     # -- adding and removing --------------------------------------------------------------
     def plan_adapter(self, adapter_name: str, configs: list[AdapterConfig]) -> dict[str, dict[str, AdapterDelta]]:
@@ -571,26 +572,25 @@ class PeftModel(nn.Module):
 
     def load_adapter_weights(self, path: str | os.PathLike, adapter_name: str = DEFAULT_ADAPTER) -> None:
         """Fill the existing adapter ``adapter_name`` with the tensors saved at ``path`` (a trainer resuming, or
-        reloading its best checkpoint). The saved config must describe the same adapter; every key and shape is
-        checked before anything is written."""
+        reloading its best checkpoint). The saved config must describe the same adapter; the tensors are checked
+        as :meth:`load_adapter` checks them (keys, shapes, kinds, finite values) before anything is written."""
         self._check_exists([adapter_name])
         configs, tensors = checkpoint.read_adapter(path)
-        live = checkpoint.adapter_tensors(self, adapter_name)
-        missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
-        wrong = sorted(k for k in set(live) & set(tensors) if tensors[k].shape != live[k].shape)
-        if missing or unexpected or wrong or not checkpoint.same_configs(configs, self.peft_config[adapter_name]):
+        if not checkpoint.same_configs(configs, self.peft_config[adapter_name]):
             raise checkpoint.CheckpointError(
-                f"adapter at {path} is not the adapter {adapter_name!r} of this model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}, other shapes {wrong[:3]}, or another config); the model is unchanged"
+                f"adapter at {path} is not the adapter {adapter_name!r} of this model: it was saved with another "
+                "config. The model is unchanged."
             )
-        bad = sorted(k for k, t in tensors.items() if not t.is_floating_point() or not torch.isfinite(t).all())
-        if bad:
-            raise checkpoint.CheckpointError(
-                f"adapter at {path} holds non-float, NaN or infinite values in {bad[:3]}; the model is unchanged"
-            )
-        with torch.no_grad():
-            for key, tensor in live.items():
-                tensor.copy_(tensors[key])
+        # The adapter's own deltas are the plan its tensors load into, in place.
+        plan = {
+            name: dict(host.adapters[adapter_name])
+            for name, host in self.adapter_hosts()
+            if adapter_name in host.adapters
+        }
+        saved = [name for name, module in self.saved_modules() if adapter_name in module.copies]
+        heads = checkpoint.load_into_plan(self, plan, saved, tensors, path)
+        for name, state in heads.items():
+            get_submodule(self.base_model, name).copies[adapter_name].load_state_dict(state)
 
     @classmethod
     def from_pretrained(

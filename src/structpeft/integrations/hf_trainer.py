@@ -93,9 +93,7 @@ class AdapterCheckpoints:
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
-        if not (adapter_folder(best, DEFAULT_ADAPTER) / CONFIG_NAME).is_file() and not any(
-            (adapter_folder(best, a) / CONFIG_NAME).is_file() for a in self.adapter_model.peft_config
-        ):
+        if not any((adapter_folder(best, a) / CONFIG_NAME).is_file() for a in self.adapter_model.peft_config):
             # as the stock Trainer does: a node without the checkpoint (multi-node, no save_on_each_node)
             warnings.warn(f"could not load the best model: {best} holds no adapter; keeping the last one", stacklevel=2)
             return
