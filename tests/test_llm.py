@@ -107,24 +107,9 @@ def test_which_runs_use_the_chat_template(assets, model, task, choice, expected)
 
 
 def _finetune(tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / "run"
-    defaults = [
-        "--epochs",
-        "3",
-        "--batch-size",
-        "8",
-        "--val-size",
-        "8",
-        "--quiet",
-        "--out",
-        str(out),
-        "--results",
-        str(tmp_path / "results.jsonl"),
-        "--lr",
-        "0.01",
-    ]
-    assert main(["finetune", *defaults, *args]) == 0
-    return json.loads((out / "metrics.json").read_text())
+    code, metrics = fx.finetune(tmp_path, "--epochs", "3", "--lr", "0.01", *args)
+    assert code == 0 and metrics is not None
+    return metrics
 
 
 def test_a_chat_run_reports_the_base_models_validation_loss_and_generates_through_the_template(

@@ -40,24 +40,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def finetune(tmp_path: Path, *args: str) -> tuple[int, dict | None]:
-    out = tmp_path / "run"
-    defaults = [
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--val-size",
-        "8",
-        "--quiet",
-        "--out",
-        str(out),
-        "--results",
-        str(tmp_path / "results.jsonl"),
-    ]
-    code = main(["finetune", *defaults, *args])  # later flags win
-    metrics = out / "metrics.json"
-    return code, json.loads(metrics.read_text()) if metrics.is_file() else None
+finetune = fx.finetune
 
 
 # -- task sources ----------------------------------------------------------------------------------

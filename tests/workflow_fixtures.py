@@ -161,3 +161,15 @@ def write_image_folder(root: Path, per_class: int = 12) -> Path:
             pixels = np.clip(base + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / label / f"{i}.png")
     return root
+
+
+def finetune(tmp_path: Path, *args: str) -> tuple[int, dict | None]:
+    """``structpeft finetune`` on small settings into ``tmp_path/run``: (exit code, metrics.json or None)."""
+    from structpeft.workflow.cli import main
+
+    out = tmp_path / "run"
+    defaults = ["--epochs", "1", "--batch-size", "8", "--val-size", "8", "--quiet", "--out", str(out)]
+    defaults += ["--results", str(tmp_path / "results.jsonl")]
+    code = main(["finetune", *defaults, *args])  # later flags win
+    metrics = out / "metrics.json"
+    return code, json.loads(metrics.read_text()) if metrics.is_file() else None
