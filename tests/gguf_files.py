@@ -1,7 +1,8 @@
 """Tiny GGUF files written in the test with the ``gguf`` package, laid out as llama.cpp's converter lays
 out a transformers checkpoint: metadata under llama.cpp's keys, tensors under its names (from ``gguf``'s own
-name map), the query and key rows of a LLaMA permuted to llama.cpp's RoPE layout, and a byte-level BPE
-vocabulary."""
+name map), the query and key rows of a LLaMA permuted to llama.cpp's RoPE layout, a Gemma's norm weights
+stored as 1 + w (llama.cpp multiplies by the stored weight, transformers by 1 + w), and a byte-level BPE
+vocabulary. Then the same model's next-token log-probs from llama.cpp (xllamacpp) and from transformers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from structpeft.core.export_gguf import llama_rope_rows
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 MERGES = ["t h", "th e"]
@@ -22,13 +25,6 @@ def byte_level_vocabulary() -> list[str]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     return list(bytes_to_unicode().values()) + ["th", "the"] + SPECIALS
-
-
-def llama_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder a LLaMA query or key weight's rows from transformers' rotate-half RoPE layout (each head's
-    first half of dimensions, then its second) to llama.cpp's interleaved one (pairs side by side)."""
-    out_features = weight.shape[0]
-    return weight.reshape(heads, 2, out_features // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
 
 
 def tiny_llama_for_gguf(tie: bool = False):
@@ -50,13 +46,53 @@ def tiny_llama_for_gguf(tie: bool = False):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gemma3_for_gguf():
+    """A two-layer Gemma 3 (both layers sliding-window, as llama.cpp's every-sixth-global pattern makes them),
+    one RoPE base for both layer kinds, and the attention scale 1/sqrt(head_dim) llama.cpp uses below 27B."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    vocabulary = byte_level_vocabulary()
+    config = Gemma3TextConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=16,
+        max_position_embeddings=64,
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        bos_token_id=len(vocabulary) - 2,
+        eos_token_id=len(vocabulary) - 1,
+        pad_token_id=0,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # transformers starts Gemma's norms at 0 (a gain of 1): give them a shape of their own
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
 def write_llama_gguf(model, path: Path, chat_template: str | None = CHAT_TEMPLATE) -> Path:
     """``model`` (a transformers LLaMA) as a float32 GGUF that llama.cpp and transformers read."""
+    return write_gguf(model, path, "llama", chat_template)
+
+
+def write_gguf(model, path: Path, arch: str, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """``model`` (a transformers LLaMA or Gemma 3) as a float32 GGUF of llama.cpp architecture ``arch``."""
     import gguf
 
     config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -64,8 +100,14 @@ def write_llama_gguf(model, path: Path, chat_template: str | None = CHAT_TEMPLAT
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    if arch == "gemma3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(config.sliding_window)
+        writer.add_rope_freq_base(config.rope_parameters["full_attention"]["rope_theta"])
+    else:
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        writer.add_rope_dimension_count(head_dim)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     tokens = byte_level_vocabulary()
     writer.add_tokenizer_model("gpt2")
@@ -77,18 +119,76 @@ def write_llama_gguf(model, path: Path, chat_template: str | None = CHAT_TEMPLAT
     writer.add_eos_token_id(config.eos_token_id)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    by_name = {name: member for member, name in gguf.MODEL_ARCH_NAMES.items()}
+    names = gguf.get_tensor_name_map(by_name[arch], config.num_hidden_layers)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: llama.cpp reuses token_embd
         tensor = tensor.detach().float()
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             tensor = llama_rope_rows(tensor, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             tensor = llama_rope_rows(tensor, config.num_key_value_heads)
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            tensor = tensor + 1
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy().astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+# -- running them in llama.cpp (xllamacpp) --------------------------------------------------------------
+def non_ascii_tokens() -> list[int]:
+    """The byte tokens above ASCII of the byte-level vocabulary: a piece of a UTF-8 character each."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return [i for i, byte in enumerate(bytes_to_unicode()) if byte >= 0x80]
+
+
+def llamacpp_top5(
+    base, adapter, prompts: list[list[int]], scale: float = 1.0, banned: list[int] | None = None
+) -> list[dict[int, float]]:
+    """llama.cpp's top-5 next-token log-probs after each prompt, with ``adapter`` at ``scale`` (0: the base).
+
+    llama.cpp's server holds back a token that ends inside a UTF-8 character, and its log-probs with it; the
+    greedy pick is kept off ``banned`` tokens (default: the byte tokens above ASCII of the tiny models'
+    vocabulary) by a logit bias, which leaves the reported log-probs (the model's, before sampling) as
+    they are."""
+    import pytest
+
+    xllamacpp = pytest.importorskip("xllamacpp")
+    params = xllamacpp.CommonParams()
+    params.model.path = str(base)
+    params.n_ctx = 64
+    params.n_parallel = 1
+    params.cpuparams.n_threads = 1
+    params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(str(adapter), 1.0)]
+    server = xllamacpp.Server(params)
+    bias = [[i, False] for i in (non_ascii_tokens() if banned is None else banned)]
+    out = []
+    for ids in prompts:
+        request = {"prompt": ids, "max_tokens": 1, "logprobs": 5, "temperature": 0, "cache_prompt": False}
+        reply = server.handle_completions(request | {"lora": [{"id": 0, "scale": scale}], "logit_bias": bias})
+        top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        out.append({t["id"]: t["logprob"] for t in top})
+    del server
+    return out
+
+
+def torch_top5(model, prompts: list[list[int]]) -> list[dict[int, float]]:
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+            values, indices = logprobs.topk(5)
+            out.append(dict(zip(indices.tolist(), values.tolist(), strict=True)))
+    return out
+
+
+def assert_same_top5(got: list[dict[int, float]], want: list[dict[int, float]], atol: float = 2e-3) -> None:
+    for g, w in zip(got, want, strict=True):
+        assert max(g, key=g.get) == max(w, key=w.get)  # the top token
+        assert set(g) == set(w)
+        assert max(abs(g[i] - w[i]) for i in w) < atol, (g, w)

@@ -6,6 +6,7 @@ from structpeft.core import (
     AdapterDelta,
     CheckpointError,
     PeftModel,
+    export_gguf,
     export_lora,
     get_peft_model,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "LoraConfig",
     "PeftModel",
     "SurmConfig",
+    "export_gguf",
     "export_lora",
     "get_peft_model",
 ]

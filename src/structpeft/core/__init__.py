@@ -1,9 +1,10 @@
 """Method-agnostic machinery: configs, injection, the wrapper model, checkpoint I/O."""
 
 from structpeft.core.atomic import atomic_write_dir, atomic_write_file, committed_path, recover
-from structpeft.core.checkpoint import CheckpointError
+from structpeft.core.checkpoint import CONFIG_NAME, CheckpointError
 from structpeft.core.config import AdapterConfig, register_method, registered_methods
 from structpeft.core.export import ExportReport, LayerExport, export_lora
+from structpeft.core.export_gguf import export_gguf, gguf_architecture
 from structpeft.core.layers import (
     AdaptedLayer,
     AdapterDelta,
@@ -15,6 +16,7 @@ from structpeft.core.layers import (
 from structpeft.core.model import PeftModel, get_peft_model
 
 __all__ = [
+    "CONFIG_NAME",
     "AdaptedLayer",
     "AdapterConfig",
     "AdapterDelta",
@@ -27,8 +29,10 @@ __all__ = [
     "atomic_write_dir",
     "atomic_write_file",
     "committed_path",
+    "export_gguf",
     "export_lora",
     "get_peft_model",
+    "gguf_architecture",
     "layer_geometry",
     "module_host",
     "recover",

@@ -80,20 +80,27 @@ def committed_path(directory: str | os.PathLike, name: str) -> Path:
 
 
 def atomic_write_file(path: str | os.PathLike, data: bytes) -> None:
-    """Replace one file all or nothing: written beside it under a temporary name, fsynced, renamed over
-    it, and the folder fsynced. A crash leaves the old file or the new one; the temporary file is removed
-    on an error (a crash can leave one, named ``.<name>.*.tmp``)."""
+    """Replace one file with ``data`` all or nothing (see :func:`atomic_replace`)."""
+    with atomic_replace(path) as tmp:
+        tmp.write_bytes(data)
+
+
+@contextlib.contextmanager
+def atomic_replace(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; what is written there replaces ``path`` when the block ends:
+    fsynced, renamed over it, and the folder fsynced. A crash leaves the old file or the new one; the
+    temporary file is removed on an error (a crash can leave one, named ``.<name>.*.tmp``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_path(path.parent)
 

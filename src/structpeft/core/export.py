@@ -2,7 +2,9 @@
 
 Each adapted layer's update ΔW (the sum of the adapter's deltas on that layer, whatever the
 methods) is factored by a truncated SVD, ``ΔW ≈ U_k S_k V_k^T``, and written as ``lora_B = U_k S_k``,
-``lora_A = V_k^T`` with ``lora_alpha = r`` (scale 1), in HF PEFT's key layout. Conv layers become
+``lora_A = V_k^T`` with ``lora_alpha = r`` (scale 1), in HF PEFT's key layout. A layer whose deltas are all
+low rank by construction (LoRA: ``AdapterDelta.low_rank_factors``) is written as its own factors, exactly,
+unless a smaller rank or an energy is asked for. Conv layers become
 PEFT's conv LoRA: the SVD runs over ΔW as a (C_out) x (C_in·k..) matrix, so ``lora_A`` is a
 (r, C_in, k..) kernel and ``lora_B`` a 1x1 conv. The relative Frobenius error of each layer's ΔW,
 ``||ΔW - BA||_F / ||ΔW||_F``, is reported.
@@ -53,12 +55,13 @@ class LayerExport:
 
 @dataclass
 class ExportReport:
-    """What :func:`export_lora` wrote: one :class:`LayerExport` per layer and the heads kept whole."""
+    """What an export wrote: one :class:`LayerExport` per layer and the heads kept whole."""
 
     path: Path
     layers: list[LayerExport]
     modules_to_save: list[str] = field(default_factory=list)
     lora_bias: bool = False
+    target: str = "LoRA"  # what was written: a HF PEFT LoRA, a llama.cpp LoRA GGUF
 
     @property
     def max_relative_error(self) -> float:
@@ -66,7 +69,8 @@ class ExportReport:
 
     def __str__(self) -> str:
         width = max((len(layer.name) for layer in self.layers), default=5)
-        lines = [f"LoRA export to {self.path}", f"{'layer':<{width}}  kind       rank / full  rel. error of ΔW"]
+        header = f"{'layer':<{width}}  kind       rank / full  rel. error of ΔW"
+        lines = [f"{self.target} export to {self.path}", header]
         for layer in self.layers:
             lines.append(
                 f"{layer.name:<{width}}  {layer.kind:<9}  {layer.rank:>4} / {layer.full_rank:<4}  "
@@ -91,8 +95,10 @@ def export_lora(
 ) -> ExportReport:
     """Write ``adapter_name`` (default: the only active adapter) as an HF PEFT LoRA in ``path``.
 
-    rank: keep this many singular values per layer (fewer where ΔW has fewer).
+    rank: keep at most this many singular values per layer (fewer where ΔW has fewer); a layer whose
+        update is low rank by construction (LoRA) and fits is written as its own factors.
     energy: per layer, the smallest rank keeping this fraction of ΔW's squared singular values.
+    Neither: every layer must be low rank by construction, and is written exactly.
     uniform_rank: one rank for every layer, the smallest of vLLM's ranks (8, 16, ..., 256) that is at
         least every layer's rank from ``rank`` / ``energy``; layers whose ΔW has lower rank are
         padded with zero components.
@@ -102,39 +108,23 @@ def export_lora(
 
     Under FSDP2, call it on every rank: the sharded parameters are gathered, rank 0 writes.
     """
-    if (rank is None) == (energy is None):
-        raise ValueError("export_lora needs exactly one of rank=r (singular values kept) or energy=e (in (0, 1])")
-    if rank is not None and rank <= 0:
-        raise ValueError(f"export rank must be a positive integer, got {rank}")
-    if energy is not None and not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], the fraction of squared singular values kept; got {energy}")
+    check_rank_options(rank, energy)
     adapter = _pick_adapter(model, adapter_name)
     layers = _layers_to_export(model, adapter, lora_bias)
-
-    with distributed.unsharded(model), torch.no_grad():
-        factored = {name: _factor(name, layer, adapter, dtype, rank) for name, layer in layers.items()}
-    ranks = {name: _chosen_rank(f.singular_values, rank, energy) for name, f in factored.items()}
-    if uniform_rank:
-        common = _vllm_rank(max(ranks.values(), default=1))
-        ranks = dict.fromkeys(ranks, common)
+    factors = lora_factors(model, adapter, layers, rank=rank, energy=energy, uniform_rank=uniform_rank, dtype=dtype)
 
     tensors: dict[str, torch.Tensor] = {}
-    report: list[LayerExport] = []
-    for name, f in factored.items():
-        r = ranks[name]
-        a, b = f.lora_factors(r)
-        geo = layers[name].geometry
-        if geo.kind == "embedding":
-            tensors[f"{KEY_PREFIX}{name}.lora_embedding_A"] = a.reshape(r, -1)
-            tensors[f"{KEY_PREFIX}{name}.lora_embedding_B"] = b
+    for name, f in factors.items():
+        if f.report.kind == "embedding":
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_A"] = f.a.reshape(f.report.rank, -1)
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_B"] = f.b
         else:
-            tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a
-            tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b
-        if lora_bias and geo.kind != "embedding":  # PEFT then gives every lora_B a bias
-            tensors[f"{KEY_PREFIX}{name}.lora_B.bias"] = (f.bias if f.bias is not None else b.new_zeros(len(b))).to(
-                b.dtype
-            )
-        report.append(LayerExport(name, geo.kind, r, min(f.u.shape[0], f.vh.shape[1]), f.relative_error(r)))
+            tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = f.a
+            tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = f.b
+        if lora_bias and f.report.kind != "embedding":  # PEFT then gives every lora_B a bias
+            bias = f.bias if f.bias is not None else f.b.new_zeros(len(f.b))
+            tensors[f"{KEY_PREFIX}{name}.lora_B.bias"] = bias.to(f.b.dtype)
+    ranks = {name: f.report.rank for name, f in factors.items()}
 
     tensors.update(_modules_to_save(model, adapter))
     saved_names = [name for name, module in model.saved_modules() if adapter in module.copies]
@@ -142,7 +132,65 @@ def export_lora(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     if distributed.is_writer(model):
         _write(Path(path), config, tensors)
-    return ExportReport(Path(path), report, saved_names, lora_bias)
+    return ExportReport(Path(path), [f.report for f in factors.values()], saved_names, lora_bias)
+
+
+def check_rank_options(rank: int | None, energy: float | None) -> None:
+    if rank is not None and energy is not None:
+        raise ValueError("an export takes at most one of rank=r (singular values kept) or energy=e (in (0, 1])")
+    if rank is not None and rank <= 0:
+        raise ValueError(f"export rank must be a positive integer, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], the fraction of squared singular values kept; got {energy}")
+
+
+@dataclass
+class LayerFactors:
+    """One layer's written factors: ``a`` (r, *a_shape), ``b`` (d_out, r, *b_shape), with B A = ΔW (or its
+    best rank-r part), the bias shift if any, and the report line."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor | None
+    report: LayerExport
+
+
+def lora_factors(
+    model: PeftModel,
+    adapter: str,
+    layers: dict[str, AdaptedLayer],
+    *,
+    rank: int | None,
+    energy: float | None,
+    uniform_rank: bool = False,
+    dtype: torch.dtype | None = None,
+) -> dict[str, LayerFactors]:
+    """Each layer's update as LoRA factors: its own low-rank factors where every delta on it has them (and
+    fit in ``rank``; never with ``energy``), else the top singular triplets of ΔW kept by ``rank`` /
+    ``energy``. Without either, every layer must have exact factors."""
+    with distributed.unsharded(model), torch.no_grad():
+        factored = {name: _factor(name, layer, adapter, dtype, rank, energy) for name, layer in layers.items()}
+    inexact = [name for name, f in factored.items() if f is None]
+    if inexact:
+        raise ValueError(
+            f"the updates of {_first(inexact)} are not low rank by construction: give a rank (rank=r, --rank R) or "
+            "an energy (energy=e, --energy E) for their truncated SVD. Nothing was written."
+        )
+    ranks = {name: f.rank_for(rank, energy) for name, f in factored.items()}
+    if uniform_rank:
+        common = _vllm_rank(max(ranks.values(), default=1))
+        ranks = dict.fromkeys(ranks, common)
+    out: dict[str, LayerFactors] = {}
+    for name, f in factored.items():
+        r = ranks[name]
+        a, b = f.lora_factors(r)
+        kind = layers[name].geometry.kind
+        out[name] = LayerFactors(a, b, f.bias, LayerExport(name, kind, r, f.full_rank, f.relative_error(r)))
+    return out
+
+
+def _first(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more layers" if len(names) > limit else "")
 
 
 # -- what is exported ---------------------------------------------------------------------------
@@ -237,6 +285,13 @@ class _Factored:
     bias: torch.Tensor | None
     dtype: torch.dtype
 
+    @property
+    def full_rank(self) -> int:
+        return min(self.u.shape[0], self.vh.shape[1])
+
+    def rank_for(self, rank: int | None, energy: float | None) -> int:
+        return _chosen_rank(self.singular_values, rank, energy)
+
     def relative_error(self, r: int) -> float:
         """``||ΔW - B A||_F / ||ΔW||_F`` for the rank-r factors: ``B A`` projects ΔW onto its top singular
         directions (exactly so for a truncated SVD too), so the error is the energy left out."""
@@ -247,25 +302,71 @@ class _Factored:
 
     def lora_factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(lora_A (r, *a_shape), lora_B (d_out, r, *b_shape)), zero-padded past ΔW's rank."""
-        q = len(self.singular_values)
-        keep = min(r, q)
-        a = self.vh.new_zeros(r, self.vh.shape[1])
-        b = self.u.new_zeros(self.u.shape[0], r)
-        a[:keep] = self.vh[:keep]
-        b[:, :keep] = self.u[:, :keep] * self.singular_values[:keep]  # the scale folded into B
-        a = a.reshape(r, *self.a_shape).to(self.dtype)
-        b = b.reshape(b.shape[0], r, *self.b_shape).to(self.dtype)
-        return a, b
+        keep = min(r, len(self.singular_values))
+        return _padded(self.u[:, :keep] * self.singular_values[:keep], self.vh[:keep], r, self)
 
 
-def _factor(name: str, layer: AdaptedLayer, adapter: str, dtype: torch.dtype | None, rank: int | None) -> _Factored:
-    delta = sum(d.delta_weight(layer.base_layer).float() for d in layer.adapters[adapter].values())
+@dataclass
+class _Exact:
+    """ΔW = B A exactly, from the deltas' own low-rank factors (a linear layer's)."""
+
+    b: torch.Tensor  # (d_out, q)
+    a: torch.Tensor  # (q, d_in)
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...] = ()
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.b.shape[0], self.a.shape[1])
+
+    def rank_for(self, rank: int | None, energy: float | None) -> int:
+        return self.a.shape[0]
+
+    def relative_error(self, r: int) -> float:
+        return 0.0
+
+    def lora_factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _padded(self.b, self.a, r, self)
+
+
+def _padded(b: torch.Tensor, a: torch.Tensor, r: int, f: _Factored | _Exact) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, *a_shape), B (d_out, r, *b_shape)) from B (d_out, q) and A (q, d_in·k..), zero rows and columns
+    past q (a uniform rank above a layer's)."""
+    q = a.shape[0]
+    a_full = a.new_zeros(r, a.shape[1])
+    b_full = b.new_zeros(b.shape[0], r)
+    a_full[:q] = a
+    b_full[:, :q] = b
+    return a_full.reshape(r, *f.a_shape).to(f.dtype), b_full.reshape(b.shape[0], r, *f.b_shape).to(f.dtype)
+
+
+def _factor(
+    name: str, layer: AdaptedLayer, adapter: str, dtype: torch.dtype | None, rank: int | None, energy: float | None
+) -> _Factored | _Exact | None:
+    """The layer's update as exact factors when every delta has them (and they fit ``rank``; an ``energy``
+    asks for the SVD), else by SVD when a rank or energy says how much to keep, else None."""
+    deltas = list(layer.adapters[adapter].values())
+    bias = _bias_delta(layer, adapter)
+    bias = None if bias is None else distributed.full_tensor(bias)
+    dtype = dtype or layer.base_layer.weight.dtype
+    pairs = [d.low_rank_factors(layer.base_layer) for d in deltas]
+    if energy is None and all(pair is not None for pair in pairs):
+        b = torch.cat([distributed.full_tensor(p[0]).double() for p in pairs], dim=1)  # (d_out, Σq)
+        a = torch.cat([distributed.full_tensor(p[1]).double() for p in pairs], dim=0)  # (Σq, d_in)
+        if rank is None or a.shape[0] <= rank:
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise ValueError(f"the update of {name!r} has non-finite values; nothing was written")
+            return _Exact(b=b, a=a, bias=bias, dtype=dtype, a_shape=(a.shape[1],))
+    if rank is None and energy is None:
+        return None
+    delta = sum(d.delta_weight(layer.base_layer).float() for d in deltas)
     delta = distributed.full_tensor(delta)  # (d_out, d_in/groups, k..)
     if not torch.isfinite(delta).all():
         raise ValueError(f"the update of {name!r} has non-finite values; nothing was written")
     matrix = delta.reshape(delta.shape[0], -1).double()  # (d_out, d_in·k..)
     u, s, vh = _svd(matrix, rank)
-    bias = _bias_delta(layer, adapter)
     return _Factored(
         u=u,
         singular_values=s,
@@ -273,8 +374,8 @@ def _factor(name: str, layer: AdaptedLayer, adapter: str, dtype: torch.dtype | N
         vh=vh,
         a_shape=tuple(delta.shape[1:]),
         b_shape=(1,) * (delta.dim() - 2),
-        bias=None if bias is None else distributed.full_tensor(bias),
-        dtype=dtype or layer.base_layer.weight.dtype,
+        bias=bias,
+        dtype=dtype,
     )
 
 

@@ -145,6 +145,12 @@ class AdapterDelta(nn.Module):
     def delta_bias(self, base_layer: nn.Module) -> torch.Tensor | None:
         return None
 
+    def low_rank_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(B, A)`` with ``delta_weight == B @ A`` exactly, B (d_out, q) and A (q, d_in), scale folded in, for
+        a linear layer's update that is low rank by construction; None otherwise. Exports write these
+        instead of an SVD of ΔW."""
+        return None
+
 
 class AdapterHost(nn.Module):
     """What both hosts share: ``adapters[adapter_name][method] -> AdapterDelta`` and the switches

@@ -530,6 +530,13 @@ class PeftModel(nn.Module):
 
         return export_lora(self, path, **options)
 
+    def export_gguf(self, path: str | os.PathLike, **options: Any) -> Any:
+        """Write the adapter as a llama.cpp LoRA adapter GGUF (llama.cpp, ollama); returns the per-layer
+        report. Options: see :func:`structpeft.core.export_gguf.export_gguf`."""
+        from structpeft.core.export_gguf import export_gguf
+
+        return export_gguf(self, path, **options)
+
     # -- checkpoints ----------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.

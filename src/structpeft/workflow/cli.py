@@ -8,6 +8,7 @@
   structpeft report runs/results.jsonl --plot runs/results.png
   structpeft generate --adapter runs/my-lm --prompt "Once upon a time"
   structpeft export --adapter runs/flora --rank 16 --out runs/flora-as-lora
+  structpeft export --adapter runs/lora --format gguf --out runs/lora.gguf
   structpeft bench --suite text --seeds 3 --out bench    # head-to-head suites (--quick: the machinery only)
   structpeft bench --suite speed --sections text,conv     # step time and memory beside HF PEFT, as ratios
 
@@ -134,11 +135,17 @@ def make_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="table and plot of runs")
     rp.add_argument("sources", nargs="*", default=["runs/results.jsonl"], help="results files or run folders")
     rp.add_argument("--plot", default=None, help="write the accuracy-vs-parameters plot here (PNG)")
-    ex = sub.add_parser("export", help="write a run's adapter as a plain HF PEFT LoRA (truncated SVD of ΔW)")
-    ex.add_argument("--adapter", required=True, help="a run folder written by finetune")
-    ex.add_argument("--out", required=True, help="folder for the LoRA checkpoint")
-    ex.add_argument("--rank", type=int, default=None, help="singular values kept per layer")
+    ex = sub.add_parser(
+        "export",
+        help="write an adapter as a plain HF PEFT LoRA (vLLM) or a llama.cpp LoRA GGUF (llama.cpp, ollama)",
+    )
+    ex.add_argument("--adapter", required=True, help="a run folder written by finetune, or an adapter folder")
+    ex.add_argument("--out", required=True, help="folder for the PEFT LoRA; file (.gguf) for --format gguf")
+    ex.add_argument("--format", dest="fmt", choices=("peft", "gguf"), default="peft")
+    ex.add_argument("--rank", type=int, default=None, help="singular values kept per layer (LoRA needs none)")
     ex.add_argument("--energy", type=float, default=None, help="per layer, keep this fraction of ΔW's energy")
+    ex.add_argument("--model", default=None, help="the base of an adapter folder (default: its config's)")
+    ex.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="--format gguf tensors")
     ex.add_argument("--uniform-rank", action="store_true", help="one rank for every layer (8, 16, ..., 256)")
     ex.add_argument("--lora-bias", action="store_true", help="carry bias shifts as PEFT's lora_bias")
     ge = sub.add_parser("generate", help="complete a prompt with a causal-LM run's adapter")
@@ -214,7 +221,19 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         )
         print(text)
     elif args.command == "export":
-        run.export(Path(args.adapter), Path(args.out), args.rank, args.energy, args.uniform_rank, args.lora_bias)
+        from structpeft.workflow.export import export
+
+        export(
+            Path(args.adapter),
+            Path(args.out),
+            fmt=args.fmt,
+            rank=args.rank,
+            energy=args.energy,
+            uniform_rank=args.uniform_rank,
+            lora_bias=args.lora_bias,
+            model_ref=args.model,
+            dtype=args.dtype,
+        )
     elif args.command == "budget":
         if args.params < 1:
             raise run.UsageError(f"--params must be a positive integer, got {args.params}")

@@ -51,6 +51,7 @@ class Preset:
     kind: str  # the task kind it serves
     load: Callable[[Task], LoadedModel]
     about: str
+    gguf: Callable[[], Path] | None = None  # where a GGUF preset's file is
 
 
 def _minilm(task: Task) -> LoadedModel:
@@ -150,10 +151,13 @@ PRESETS: dict[str, Preset] = {
     ),
     "dinov2_small": Preset("image-classification", _dinov2_small, "DINOv2-S/14 ViT (22.1M, 6 heads)"),
     "smollm2-135m": Preset(
-        "causal-lm", _gguf_decoder("smollm2-135m", _smollm2_path), "SmolLM2-135M-Instruct (LLaMA, 30 layers, GGUF)"
+        "causal-lm",
+        _gguf_decoder("smollm2-135m", _smollm2_path),
+        "SmolLM2-135M-Instruct (LLaMA, 30 layers, GGUF)",
+        _smollm2_path,
     ),
     "gemma3-270m": Preset(
-        "causal-lm", _gguf_decoder("gemma3-270m", _gemma3_path), "Gemma 3 270M base (18 layers, GGUF)"
+        "causal-lm", _gguf_decoder("gemma3-270m", _gemma3_path), "Gemma 3 270M base (18 layers, GGUF)", _gemma3_path
     ),
 }
 
@@ -179,6 +183,15 @@ def check_model_ref(ref: str) -> None:
         raise ModelError(f"{ref}: a model is a preset, a folder, a GGUF file or a hub id")
     if ref.startswith((".", "/", "~")) or not _HUB_ID.match(ref):
         raise ModelError(f"unknown model {ref!r}: not a preset ({', '.join(PRESETS)}) and no such folder")
+
+
+def gguf_file(ref: str) -> Path | None:
+    """The GGUF file behind a model reference (a GGUF preset or a .gguf path), else None."""
+    if ref in PRESETS:
+        locate = PRESETS[ref].gguf
+        return None if locate is None else locate()
+    path = Path(ref).expanduser()
+    return path if path.is_file() else None
 
 
 def load_model(ref: str, task: Task) -> LoadedModel:

@@ -469,25 +469,6 @@ def generate(
     return loaded.tokenizer.decode(ids[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def export(run_dir: Path, out: Path, rank: int | None, energy: float | None, uniform_rank: bool, lora_bias: bool):
-    """A run's adapter as a plain HF PEFT LoRA (truncated SVD of each layer's ΔW), for servers that read only LoRA."""
-    spec = _spec_of(run_dir)
-    if (rank is None) == (energy is None):
-        raise UsageError("give exactly one of --rank R or --energy E")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder")
-    task, loaded = _load(spec)
-    model = restore(run_dir, spec, task, loaded)
-    if not isinstance(model, sp.PeftModel):
-        raise UsageError(
-            f"{run_dir} is a {spec.method} run (a baseline or an HF PEFT reference): "
-            "there is no structpeft adapter to export"
-        )
-    report = sp.export_lora(model, out, rank=rank, energy=energy, uniform_rank=uniform_rank, lora_bias=lora_bias)
-    print(report)
-    return report
-
-
 # -- budget ---------------------------------------------------------------------------------------
 # The knob that sizes each method, as --set fields for a value k = 1, 2, 3, ...
 SIZE_KNOBS = {

@@ -99,3 +99,9 @@ class FloraDelta(AdapterDelta):
 
     def delta_weight(self, base_layer: nn.Module) -> torch.Tensor:
         return self.scaling * tucker_to_tensor(self.flora_core, list(self.flora_factors))
+
+    def low_rank_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.kind != "linear":
+            return None
+        u_out, u_in = self.flora_factors
+        return self.scaling * u_out @ self.flora_core, u_in.T  # (d_out, r_in), (r_in, d_in)

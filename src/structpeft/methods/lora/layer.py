@@ -82,3 +82,8 @@ class LoraDelta(AdapterDelta):
         dw = self.B.flatten(1) @ a  # (d_out, d_in/groups * k..)
         shape = (dw.shape[0], *self.A.shape[1:]) if self.kind == "conv" else dw.shape
         return self.scaling * dw.reshape(shape)
+
+    def low_rank_factors(self, base_layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.kind != "linear":
+            return None
+        return self.B * self.scaling, self.A  # (d_out, r), (r, d_in)
