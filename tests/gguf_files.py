@@ -139,6 +139,31 @@ def write_gguf(model, path: Path, arch: str, chat_template: str | None = CHAT_TE
     return path
 
 
+def float32_copy(path: Path, out: Path) -> Path:
+    """A quantized GGUF with every tensor dequantized to float32 (what transformers computes with), its metadata
+    kept: llama.cpp then runs on the same base weights as transformers."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    writer = gguf.GGUFWriter(str(out), reader.get_field(gguf.Keys.General.ARCHITECTURE).contents())
+    skipped = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in skipped:
+            continue
+        kind = field.types[0]
+        writer.add_key_value(
+            name, field.contents(), kind, field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        )
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
 # -- running them in llama.cpp (xllamacpp) --------------------------------------------------------------
 def non_ascii_tokens() -> list[int]:
     """The byte tokens above ASCII of the byte-level vocabulary: a piece of a UTF-8 character each."""
@@ -164,6 +189,10 @@ def llamacpp_top5(
     params.n_ctx = 64
     params.n_parallel = 1
     params.cpuparams.n_threads = 1
+    # Attention in float32, as transformers computes it: llama.cpp's CPU flash attention takes q and k in
+    # float16 and its default cache is float16 (an adapter that grows q 36-fold overflowed there, measured).
+    params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
+    params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(str(adapter), 1.0)]
     server = xllamacpp.Server(params)
     bias = [[i, False] for i in (non_ascii_tokens() if banned is None else banned)]
