@@ -192,8 +192,8 @@ def test_uniform_rank_is_one_vllm_rank_for_every_layer(tmp_path) -> None:
     "configs,reason",
     [
         (lambda: sp.CoeffConfig(init_weights=False), "acts on attention maps"),
-        (lambda: sp.SurmConfig(mode="adapter", target_modules=["query"]), "acts on attention maps or on the layer"),
-        (lambda: [sp.LoraConfig(target_modules=["query"]), sp.CoeffConfig()], "(coeff)"),
+        (lambda: sp.SurmConfig(mode="adapter", target_modules=["query"]), "or on a layer's output"),
+        (lambda: [sp.LoraConfig(target_modules=["query"]), sp.CoeffConfig()], "coeff acts on"),
         (lambda: sp.KernelMixConfig(init_weights=False), "lora_bias=True"),
     ],
     ids=["coeff", "surm-adapter", "lora+coeff", "kernel-mix-bias"],

@@ -158,7 +158,7 @@ REFUSED = [
     pytest.param(
         "llama",
         lambda: sp.SurmConfig(mode="adapter", target_modules=["o_proj"], init_weights=False),
-        "on the layer's output",
+        "on a layer's output",
         id="surm-adapter",
     ),
     pytest.param(

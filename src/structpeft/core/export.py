@@ -189,6 +189,13 @@ def lora_factors(
     return out
 
 
+def refusal(what: str, refused: dict[str, list[str]]) -> str:
+    """One line: ``what``, then each reason with the layers it holds for (the first few named)."""
+    return (
+        f"{what}: " + "; ".join(f"{why} ({_first(names)})" for why, names in refused.items()) + ". Nothing was written."
+    )
+
+
 def _first(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more layers" if len(names) > limit else "")
 
@@ -208,7 +215,7 @@ def _pick_adapter(model: PeftModel, adapter_name: str | None) -> str:
 
 def _layers_to_export(model: PeftModel, adapter: str, lora_bias: bool) -> dict[str, AdaptedLayer]:
     """The layers carrying ``adapter``, after checking that each can be written as a PEFT LoRA."""
-    refused: list[str] = []
+    refused: dict[str, list[str]] = {}  # reason -> layers
     layers: dict[str, AdaptedLayer] = {}
     for name, host in model.adapter_hosts():
         if adapter not in host.adapters:
@@ -216,23 +223,20 @@ def _layers_to_export(model: PeftModel, adapter: str, lora_bias: bool) -> dict[s
         deltas = host.adapters[adapter]
         inside = [m for m, d in deltas.items() if d.acts_inside or not d.mergeable]
         if inside:
-            refused.append(
-                f"{name} ({', '.join(inside)}): acts on attention maps or on the layer's output, so it has no "
-                "weight update ΔW to factor"
-            )
+            why = f"{', '.join(inside)} acts on attention maps or on a layer's output, so has no weight update ΔW"
+            refused.setdefault(why, []).append(name)
             continue
         assert isinstance(host, AdaptedLayer)
         if host.merged_adapters:
-            refused.append(f"{name}: adapters {host.merged_adapters} are merged into it; unmerge_adapter() first")
+            why = f"adapters {host.merged_adapters} are merged into it; unmerge_adapter() first"
+            refused.setdefault(why, []).append(name)
             continue
         if (why := _conv_refusal(host)) is not None:
-            refused.append(f"{name}: {why}")
+            refused.setdefault(why, []).append(name)
             continue
         layers[name] = host
     if refused:
-        raise ValueError(
-            f"cannot export adapter {adapter!r} as a plain LoRA: " + "; ".join(refused) + ". Nothing was written."
-        )
+        raise ValueError(refusal(f"cannot export adapter {adapter!r} as a plain LoRA", refused))
     if not layers:
         raise ValueError(f"adapter {adapter!r} adapts no layer; there is no LoRA to export")
     if not lora_bias:
@@ -240,7 +244,7 @@ def _layers_to_export(model: PeftModel, adapter: str, lora_bias: bool) -> dict[s
             biased = [n for n, layer in layers.items() if _bias_delta(layer, adapter) is not None]
         if biased:
             raise ValueError(
-                f"adapter {adapter!r} also shifts the biases of {', '.join(biased)} (e.g. Kernel-mix's head "
+                f"adapter {adapter!r} also shifts the biases of {_first(biased)} (e.g. Kernel-mix's head "
                 "biases), which a plain LoRA cannot carry. Pass lora_bias=True to write them as PEFT's lora_bias "
                 "(a bias on lora_B). Nothing was written."
             )

@@ -32,6 +32,7 @@ from structpeft.core.export import (
     _pick_adapter,
     check_rank_options,
     lora_factors,
+    refusal,
 )
 
 if TYPE_CHECKING:
@@ -88,23 +89,24 @@ def export_gguf(
     adapter = _pick_adapter(model, adapter_name)
     config = model.base_model.config.get_text_config()
     arch = architecture or _architecture(config)
-    refused = _refusals(model, adapter)
+    refused: dict[str, list[str]] = {}  # reason -> layers
+    copies = [name for name, module in model.saved_modules() if adapter in module.copies]
+    if copies:
+        refused["a whole-module copy (modules_to_save), which a llama.cpp adapter cannot replace"] = copies
     layers = _layers_to_export(model, adapter, lora_bias=True)  # bias shifts are refused below, by name
     names = _tensor_names(gguf, arch, config.num_hidden_layers, list(layers), refused)
-    tied = getattr(config, "tie_word_embeddings", False)
-    refused += [
-        f"{name}: a {layer.geometry.kind} layer; the GGUF export writes linear layers"
-        for name, layer in layers.items()
-        if layer.geometry.kind != "linear"
-    ]
-    refused += [
-        f"{name}: the output head is tied to the input embedding, and the base GGUF has no output tensor of its own"
-        for name, tensor in names.items()
-        if tied and tensor == "output"
-    ]
+    for name, layer in layers.items():
+        if layer.geometry.kind != "linear":
+            refused.setdefault(f"a {layer.geometry.kind} layer; the GGUF export writes linear layers", []).append(name)
+    if getattr(config, "tie_word_embeddings", False):
+        for name, tensor in names.items():
+            if tensor == "output":
+                why = (
+                    "the output head is tied to the input embedding, and the base GGUF has no output tensor of its own"
+                )
+                refused.setdefault(why, []).append(name)
     if refused:
-        reasons = "; ".join(refused)
-        raise ValueError(f"cannot export adapter {adapter!r} as a llama.cpp LoRA: {reasons}. Nothing was written.")
+        raise ValueError(refusal(f"cannot export adapter {adapter!r} as a llama.cpp LoRA", refused))
 
     factors = lora_factors(model, adapter, layers, rank=rank, energy=energy, dtype=torch.float32)
     biased = [name for name, f in factors.items() if f.bias is not None]
@@ -162,15 +164,9 @@ def _architecture(config: Any) -> str:
     return GGUF_ARCHITECTURES[model_type]
 
 
-def _refusals(model: PeftModel, adapter: str) -> list[str]:
-    return [
-        f"{name}: a whole-module copy (modules_to_save), which a llama.cpp adapter cannot replace"
-        for name, module in model.saved_modules()
-        if adapter in module.copies
-    ]
-
-
-def _tensor_names(gguf: Any, arch: str, blocks: int, layers: list[str], refused: list[str]) -> dict[str, str]:
+def _tensor_names(
+    gguf: Any, arch: str, blocks: int, layers: list[str], refused: dict[str, list[str]]
+) -> dict[str, str]:
     """llama.cpp's base tensor name (without ``.weight``) for each layer; unnamed layers go to ``refused``."""
     by_name = {name: member for member, name in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in by_name:
@@ -180,7 +176,7 @@ def _tensor_names(gguf: Any, arch: str, blocks: int, layers: list[str], refused:
     for layer in layers:
         found = table.get_name(f"{layer}.weight", try_suffixes=(".weight",))
         if found is None:
-            refused.append(f"{layer}: llama.cpp's {arch} has no tensor for it")
+            refused.setdefault(f"llama.cpp's {arch} has no tensor for it", []).append(layer)
         else:
             names[layer] = found.removesuffix(".weight")
     return names
