@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from structpeft.core.quantized import quant_backend, write_weight
+
 try:  # GPT-2 style layers store their weight as (in, out); only needed when transformers is used.
     from transformers.pytorch_utils import Conv1D as HFConv1D
 except ImportError:  # pragma: no cover - transformers is a dependency, but keep the core usable
@@ -49,8 +51,9 @@ SUPPORTED_LAYERS = "nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d, nn.Embeddin
 
 
 def layer_geometry(layer: nn.Module, name: str = "") -> LayerGeometry:
-    if isinstance(layer, nn.Linear):
-        return LayerGeometry("linear", layer.in_features, layer.out_features, tuple(layer.weight.shape))
+    quant_backend(layer, name)  # a quantized layer no backend reads is refused here, by name
+    if isinstance(layer, nn.Linear):  # a quantized linear packs its weight: the shape is its features'
+        return LayerGeometry("linear", layer.in_features, layer.out_features, (layer.out_features, layer.in_features))
     if HFConv1D is not None and isinstance(layer, HFConv1D):
         d_in, d_out = layer.weight.shape
         return LayerGeometry("linear", d_in, d_out, (d_out, d_in), transposed=True)
@@ -204,6 +207,7 @@ class AdaptedLayer(AdapterHost):
         self.base_layer = base_layer
         self.path = name
         self.geometry = layer_geometry(base_layer, name)
+        self.requantization_error: float | None = None  # of the last merge into a quantized base
 
     def __getattr__(self, name: str):
         """The wrapped layer's attributes (``in_features``, ``in_channels``, Conv1D's ``nf``, ``padding_idx``...)
@@ -262,11 +266,14 @@ class AdaptedLayer(AdapterHost):
         return delta_w.T if self.geometry.transposed else delta_w
 
     def _shift_weights(self, adapter: str, sign: float) -> None:
-        """Add (sign=+1) or remove (-1) all of an adapter's deltas; checked in full before writing."""
+        """Add (sign=+1) or remove (-1) all of an adapter's deltas; checked in full before writing. A quantized
+        base is dequantized, shifted and quantized again (lossy: the error is kept in
+        ``requantization_error``)."""
+        backend = quant_backend(self.base_layer, self.path)
         weight = self.base_layer.weight
         bias = getattr(self.base_layer, "bias", None)
         with torch.no_grad():
-            new_w = weight.float()
+            new_w = weight.float() if backend is None else backend.dequantize(self.base_layer)
             new_b = None if bias is None else bias.float()
             for method, delta in self.adapters[adapter].items():
                 new_w = new_w + sign * self._to_storage(delta.delta_weight(self.base_layer)).float()
@@ -277,7 +284,10 @@ class AdaptedLayer(AdapterHost):
                     new_b = new_b + sign * db.float()
             if not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all()):
                 raise ValueError(f"merging adapter {adapter!r} gives non-finite weights or biases")
-            weight.copy_(new_w.to(weight.dtype))
+            if backend is None:
+                weight.copy_(new_w.to(weight.dtype))
+            else:
+                self.requantization_error = write_weight(self.base_layer, new_w)
             if new_b is not None:
                 bias.copy_(new_b.to(bias.dtype))
 

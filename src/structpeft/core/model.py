@@ -25,6 +25,7 @@ from structpeft.core.layers import (
     ModulesToSave,
     module_host,
 )
+from structpeft.core.quantized import forget_quantization, prepare_quantized, quant_backend, to_float_linear
 from structpeft.core.targets import get_submodule, named_modules, resolve_targets, set_submodule, unwrapped
 
 DEFAULT_ADAPTER = "default"
@@ -110,6 +111,7 @@ class PeftModel(nn.Module):
         self.active_adapters: list[str] = [adapter_name]
         self.frozen_adapters: set[str] = set()  # loaded with is_trainable=False, or set_requires_grad(.., False)
         self.adapters_disabled = False  # disable_adapter_layers(); disable_adapter() sets it for a block
+        prepare_quantized(model)
         if config is not None:
             with _frozen_base(model):
                 self.add_adapter(adapter_name, config)
@@ -444,7 +446,7 @@ class PeftModel(nn.Module):
         untied = self._untie([h for _, h in hosts if isinstance(h, AdaptedLayer)])
         # A snapshot, not a subtraction (w + Δ - Δ is not w in floating point), kept in CPU memory so
         # that merging a large model on an accelerator does not need twice the memory there.
-        snapshot = [(h, h.merged_adapters[:], [t.detach().to("cpu", copy=True) for t in _weights(h)]) for _, h in hosts]
+        snapshot = [(h, h.merged_adapters[:], _saved_weights(h)) for _, h in hosts]
         failing = ""
         try:
             # Backwards through the model: a delta may read another layer's frozen weight (Kernel-mix's
@@ -457,8 +459,7 @@ class PeftModel(nn.Module):
         except BaseException as e:  # also an interrupt or out-of-memory: never leave half a merge
             with torch.no_grad():
                 for host, merged, saved in snapshot:
-                    for tensor, value in zip(_weights(host), saved):
-                        tensor.copy_(value)
+                    _restore_weights(host, saved)
                     host.merged_adapters[:] = merged
             for layer, shared in untied:
                 layer.weight = shared
@@ -492,15 +493,46 @@ class PeftModel(nn.Module):
             host.unmerge()
 
     def merge_and_unload(
-        self, keep_unmergeable: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        keep_unmergeable: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
         """Fold adapters (default: the active ones) into the weights and return the base model without wrappers.
 
         With ``keep_unmergeable=True`` the modules whose deltas cannot merge keep them (and keep
         acting); every other module is merged and unwrapped. ``safe_merge`` as in merge_adapter().
+
+        On a quantized base (bitsandbytes 4-bit or 8-bit) each adapted weight is dequantized, shifted and
+        quantized again, which is lossy: the largest relative change requantization made is warned about
+        (each layer's is in ``requantization_error`` until the wrappers go). ``dequantize=True`` first turns
+        every quantized linear layer of the model into a float ``nn.Linear`` holding its dequantized weight,
+        so the merge is exact: the returned float model computes what the unmerged adapted model did, up to
+        the quantization of the base's activations in its matmuls.
         """
+        if dequantize:
+            self._dequantize_base()
         kept = self.merge_adapter(adapter_names, keep_unmergeable=keep_unmergeable, safe_merge=safe_merge)
+        errors = {
+            n: h.requantization_error for n, h in self.adapter_hosts() if getattr(h, "requantization_error", None)
+        }
+        if errors:
+            worst = max(errors, key=errors.get)
+            warnings.warn(
+                f"merged into a quantized base: requantizing the {len(errors)} merged layers changed their weights "
+                f"by up to {errors[worst]:.3g} (relative Frobenius, {worst}). merge_and_unload(dequantize=True) "
+                "keeps the merged weights in float instead.",
+                stacklevel=2,
+            )
         return self.unload(keep=kept)
+
+    def _dequantize_base(self) -> None:
+        """Every quantized linear layer of the base, adapted or not, replaced by its float dequantization."""
+        for name, module in list(self.base_model.named_modules()):
+            if quant_backend(module, name) is not None:
+                set_submodule(self.base_model, name, to_float_linear(module))
+        forget_quantization(self.base_model)
 
     def unload(self, keep: set[str] = frozenset()) -> nn.Module:
         """Return the base model with every wrapper removed (unmerged deltas are dropped), but for
@@ -611,10 +643,29 @@ class PeftModel(nn.Module):
 
 
 def _weights(host: AdapterHost) -> list[torch.Tensor]:
-    """The base tensors a merge into ``host`` writes (none for a host that does not merge)."""
+    """The float base tensors a merge into ``host`` writes in place (none for a host that does not merge; a
+    quantized weight is replaced whole, not written into)."""
     if not isinstance(host, AdaptedLayer):
         return []
-    return [t for t in (host.base_layer.weight, getattr(host.base_layer, "bias", None)) if t is not None]
+    layer = host.base_layer
+    weight = None if quant_backend(layer) is not None else layer.weight
+    return [t for t in (weight, getattr(layer, "bias", None)) if t is not None]
+
+
+def _saved_weights(host: AdapterHost) -> tuple[list[torch.Tensor], object]:
+    """What a failed merge restores: copies of the float tensors (in CPU memory), and a quantized weight's
+    own objects (a merge replaces them rather than writing into them)."""
+    copies = [t.detach().to("cpu", copy=True) for t in _weights(host)]
+    backend = quant_backend(host.base_layer) if isinstance(host, AdaptedLayer) else None
+    return copies, None if backend is None else backend.save(host.base_layer)
+
+
+def _restore_weights(host: AdapterHost, saved: tuple[list[torch.Tensor], object]) -> None:
+    copies, quantized = saved
+    for tensor, value in zip(_weights(host), copies):
+        tensor.copy_(value)
+    if quantized is not None:
+        quant_backend(host.base_layer).restore(host.base_layer, quantized)
 
 
 def _check_unique_keys(plan: dict[str, dict[str, AdapterDelta]]) -> None:

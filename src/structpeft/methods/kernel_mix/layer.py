@@ -29,13 +29,15 @@ from torch import nn
 
 from structpeft.attention import AttentionAnatomy, attention_anatomy
 from structpeft.core.layers import AdapterDelta, layer_geometry
+from structpeft.core.quantized import dense_weight, quant_backend
 from structpeft.core.targets import get_submodule, unwrapped
 from structpeft.methods.kernel_mix.config import KernelMixConfig
 
 
 def _weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as (d_out, d_in), whatever its storage (HF Conv1D stores the transpose)."""
-    return layer.weight.T if layer_geometry(layer).transposed else layer.weight
+    """The layer's weight as (d_out, d_in), whatever its storage (HF Conv1D stores the transpose; a quantized
+    layer is dequantized)."""
+    return layer.weight.T if layer_geometry(layer).transposed else dense_weight(layer)
 
 
 @torch.no_grad()
@@ -244,11 +246,21 @@ class KernelMixValue(_KernelMixDelta):
         super().__init__(config, _row_index(anatomy.value_rows, geometry.out_features), geometry.out_features)
         width = anatomy.kv_heads * anatomy.head_dim
         bias = getattr(layer, "bias", None) is not None
+        if key_layer is not None and quant_backend(key_layer) is not None:
+            # A quantized key layer is dequantized once, here, not at every step: its key rows are kept as
+            # a float copy (d_kv x d_in per layer), as for a fused projection.
+            key_layer, layer_with_keys = None, key_layer
+        else:
+            layer_with_keys = layer
         self._key_layer = (key_layer,)  # a reference, not a submodule: the key layer is not ours
         if key_layer is None:
-            key_rows = torch.tensor(anatomy.key_rows, dtype=torch.long)
-            key_bias = None if layer.bias is None else layer.bias[key_rows].detach().clone()
-            self.register_buffer("frozen_key_weight", _weight(layer)[key_rows].detach().clone(), persistent=False)
+            key_out = layer_geometry(layer_with_keys).out_features
+            key_rows = _row_index(anatomy.key_rows, key_out)
+            key_rows = torch.arange(key_out) if key_rows is None else key_rows
+            bias_k = getattr(layer_with_keys, "bias", None)
+            key_bias = None if bias_k is None else bias_k[key_rows].detach().clone()
+            key_weight = _weight(layer_with_keys)[key_rows].detach().clone()
+            self.register_buffer("frozen_key_weight", key_weight, persistent=False)
             self.register_buffer("frozen_key_bias", key_bias, persistent=False)
         else:
             key_out = layer_geometry(key_layer).out_features

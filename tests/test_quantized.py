@@ -1,0 +1,244 @@
+"""Every weight method on a quantized base (bitsandbytes NF4/FP4 and int8, run on CPU here): trains with the
+base frozen and quantized, saves and loads across the quantized and float bases, merges by requantizing
+(lossy, warned) or exactly into a dequantized float model, and reads a frozen weight dequantized."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import structpeft as sp
+from structpeft.core.quantized import dense_weight, quant_backend, to_float_linear
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+QUANTIZATIONS = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4", "bnb_4bit_compute_dtype": torch.float32},
+    "nf4-double": {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": torch.float32,
+    },
+    "int8": {"load_in_8bit": True},
+}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = {
+    "lora": lambda: sp.LoraConfig(r=4, target_modules=PROJECTIONS, init_weights=False),
+    "flora": lambda: sp.FloraConfig(r=2, target_modules=PROJECTIONS, init_weights=False),
+    "surm-lora": lambda: sp.SurmConfig(target_modules=PROJECTIONS, alpha=0.5, init_weights=False),
+    "surm-adapter": lambda: sp.SurmConfig(mode="adapter", target_modules=["o_proj"], init_weights=False),
+    "kernel-mix": lambda: sp.KernelMixConfig(init_weights=False, dropout=0.0),
+}
+MERGEABLE = [m for m in METHODS if m != "surm-adapter"]
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny LLaMA saved as a transformers folder; bitsandbytes' CPU kernels need rows of 64 values or more."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def _load(folder, quantization: str | None):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if quantization is None:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    config = BitsAndBytesConfig(**QUANTIZATIONS[quantization])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes: "inputs will be cast from float32 to float16"
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu").eval()
+
+
+IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model(input_ids=IDS).logits.float()
+
+
+def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n or not p.requires_grad}
+
+
+@pytest.mark.parametrize("quantization", QUANTIZATIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_weight_method_trains_on_a_quantized_base(llama_folder, quantization, method) -> None:
+    torch.manual_seed(0)
+    model = sp.get_peft_model(_load(llama_folder, quantization), METHODS[method]())
+    assert any(quant_backend(m) is not None for m in model.modules())
+    frozen = _base_state(model)
+    before = {n: p.detach().clone() for n, p in model.adapter_parameters()}
+    optimizer = torch.optim.AdamW([p for _, p in model.adapter_parameters()], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[0] < 7.0  # ln(256) = 5.5 at a random start; Kernel-mix on raw int8 keys started at 21.6
+    for name, p in model.adapter_parameters():
+        assert not torch.equal(p, before[name]), name
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert not p.requires_grad and torch.equal(p, frozen[name]), name
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_kernel_mix_reads_the_dequantized_keys(llama_folder, quantization) -> None:
+    """Kernel-mix's V part is driven by W_k: on a quantized base it must be the dequantized W_k, as on the
+    float model holding those same values."""
+    quantized = _load(llama_folder, quantization)
+    dequantized = copy.deepcopy(quantized)
+    for name, module in list(dequantized.named_modules()):
+        if quant_backend(module) is not None:
+            dequantized.set_submodule(name, to_float_linear(module))
+    torch.manual_seed(0)
+    on_quantized = sp.get_peft_model(quantized, sp.KernelMixConfig(init_weights=False, dropout=0.0))
+    torch.manual_seed(0)
+    on_float = sp.get_peft_model(dequantized, sp.KernelMixConfig(init_weights=False, dropout=0.0))
+    for (name, host), (_, twin) in zip(on_quantized.adapter_hosts(), on_float.adapter_hosts(), strict=True):
+        for method, delta in host.adapters["default"].items():
+            got = delta.delta_weight(host.base_layer)
+            want = twin.adapters["default"][method].delta_weight(twin.base_layer)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "nf4-double", "int8"])
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merging_into_a_quantized_base(llama_folder, quantization, method) -> None:
+    model = sp.get_peft_model(_load(llama_folder, quantization), METHODS[method]())
+    unmerged, base = _logits(model), None
+    with model.disable_adapter():
+        base = _logits(model)
+    moved = (unmerged - base).abs().max().item()
+    assert moved > 0.05
+
+    exact = copy.deepcopy(model).merge_and_unload(dequantize=True)
+    assert not any(quant_backend(m) is not None for m in exact.modules())
+    assert not getattr(exact.config, "quantization_config", None)
+    tolerance = 2e-2 if quantization == "int8" else 1e-2  # int8 quantizes the activations too
+    assert (_logits(exact) - unmerged).abs().max().item() < tolerance
+
+    requantized_model = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="requantizing the .* merged layers changed their weights by up to"):
+        requantized = requantized_model.merge_and_unload()
+    assert all(quant_backend(m) is not None for n, m in requantized.named_modules() if n.endswith("q_proj"))
+    # Lossy, but the adapter is in: the merged model is nearer the adapted model than the base is.
+    assert (_logits(requantized) - unmerged).abs().max().item() < moved
+
+
+def test_a_failed_merge_into_a_quantized_base_restores_it(llama_folder) -> None:
+    model = sp.get_peft_model(_load(llama_folder, "nf4"), METHODS["lora"]())
+    layer = model.base_model.model.layers[1].mlp.down_proj
+    weights = [(h, h.base_layer.weight) for _, h in model.adapter_hosts()]
+    before = _logits(model)
+    with torch.no_grad():
+        layer.adapters["default"]["lora"].lora_B.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        model.merge_adapter()
+    assert all(h.base_layer.weight is w for h, w in weights)  # the quantized weights themselves, put back
+    assert not any(h.merged_adapters for _, h in model.adapter_hosts())
+    with torch.no_grad():
+        layer.adapters["default"]["lora"].lora_B.weight[0, 0] = 0.0
+    after = _logits(model)
+    assert torch.isfinite(after).all() and after.shape == before.shape
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_checkpoints_move_between_the_quantized_and_the_float_base(llama_folder, tmp_path, quantization) -> None:
+    torch.manual_seed(0)
+    on_quantized = sp.get_peft_model(_load(llama_folder, quantization), METHODS["lora"]())
+    on_quantized.save_pretrained(tmp_path / "from-quantized")
+    on_float = sp.PeftModel.from_pretrained(_load(llama_folder, None), tmp_path / "from-quantized")
+    for (name, p), (_, q) in zip(on_quantized.adapter_parameters(), on_float.adapter_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    on_float.save_pretrained(tmp_path / "from-float")
+    back = sp.PeftModel.from_pretrained(_load(llama_folder, quantization), tmp_path / "from-float")
+    torch.testing.assert_close(_logits(back), _logits(on_quantized), rtol=0, atol=0)
+
+
+def test_an_hf_peft_qlora_checkpoint_gives_the_same_logits(llama_folder, tmp_path) -> None:
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False)
+    theirs = peft.get_peft_model(_load(llama_folder, "nf4"), config).eval()
+    theirs.save_pretrained(tmp_path / "qlora")
+    for module in theirs.modules():  # the same 4-bit kernels as ours (not bitsandbytes' CPU inference repacking)
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    ours = sp.PeftModel.from_pretrained(_load(llama_folder, "nf4"), tmp_path / "qlora")
+    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_layer_without_a_backend_is_refused_by_name() -> None:
+    class PackedLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.in_features, self.out_features = 8, 4
+            self.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.uint8), requires_grad=False)
+
+    model = nn.Sequential(PackedLinear())
+    with pytest.raises(TypeError, match="PackedLinear with a torch.uint8 weight: a quantized layer .* bitsandbytes"):
+        sp.get_peft_model(model, sp.LoraConfig(target_modules=["0"]))
+
+
+def test_the_dense_weight_of_a_4bit_layer_is_the_one_it_computes_with(llama_folder) -> None:
+    """bitsandbytes repacks a 4-bit weight at its first CPU inference forward; the dense weight is then read
+    off the layer, and must match what it computes before and after."""
+    model = _load(llama_folder, "nf4")
+    layer = model.model.layers[0].mlp.down_proj
+    before = dense_weight(layer)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        y = layer(x)  # repacks on CPUs with AVX512-BF16
+    after = dense_weight(layer)
+    torch.testing.assert_close(after, before, atol=2e-3, rtol=0)
+    torch.testing.assert_close(y, x @ after.T, atol=5e-3, rtol=0)  # the repacked kernel computes in bfloat16
+
+
+def test_an_inference_pass_leaves_later_gradients_right(llama_folder) -> None:
+    """bitsandbytes 0.50.2 repacks a 4-bit weight at its first CPU inference forward into a layout whose kernel
+    has no backward: gradients through the layer were then dropped (measured on this model: the embedding's
+    gradient norm 1.14 where it is 3.05). A model with adapters keeps the training layout."""
+
+    def gradients(validate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = sp.get_peft_model(_load(llama_folder, "nf4"), METHODS["lora"]())
+        if validate_first:
+            _logits(model.eval())  # a validation pass: eval mode, no grad
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model(input_ids=IDS, labels=IDS).loss.backward()
+        return {n: p.grad for n, p in model.adapter_parameters()}
+
+    fresh, after_validation = gradients(False), gradients(True)
+    for name, grad in fresh.items():
+        torch.testing.assert_close(after_validation[name], grad, msg=name)
