@@ -242,3 +242,28 @@ def test_an_inference_pass_leaves_later_gradients_right(llama_folder) -> None:
     fresh, after_validation = gradients(False), gradients(True)
     for name, grad in fresh.items():
         torch.testing.assert_close(after_validation[name], grad, msg=name)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_finetune_quantize_trains_and_the_run_evaluates_generates_and_exports(tmp_path, quantization, capsys) -> None:
+    from structpeft.workflow.cli import main
+    from tests import workflow_fixtures as fx
+
+    decoder = fx.save_decoder(tmp_path / "llama", "llama", chat_template=fx.CHAT_TEMPLATE, hidden_size=128)
+    chat = fx.write_jsonl(tmp_path / "chat.jsonl", fx.conversations(24))
+    code, metrics = fx.finetune(tmp_path, "--model", str(decoder), "--task", str(chat), "--quantize", quantization)
+    assert code == 0 and metrics["status"] == "finished"
+    assert metrics["val"]["loss"] < metrics["base_val"]["loss"] and metrics["spec"]["quantize"] == quantization
+    run = str(tmp_path / "run")
+    assert main(["evaluate", "--adapter", run, "--split", "val"]) == 0
+    assert main(["generate", "--adapter", run, "--prompt", "the film", "--max-new-tokens", "3"]) == 0
+    assert main(["export", "--adapter", run, "--out", str(tmp_path / "lora")]) == 0  # LoRA: exact, float32
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main(["finetune", "--model", str(decoder), "--task", str(chat), "--quantize", "int4"])
+    assert refused.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err

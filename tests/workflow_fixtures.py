@@ -64,7 +64,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_decoder(folder: Path, kind: str, chat_template: str | None = None) -> Path:
+def save_decoder(folder: Path, kind: str, chat_template: str | None = None, hidden_size: int = 32) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -73,8 +73,8 @@ def save_decoder(folder: Path, kind: str, chat_template: str | None = None) -> P
     else:
         config = LlamaConfig(
             vocab_size=40,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

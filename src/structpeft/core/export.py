@@ -354,7 +354,8 @@ def _factor(
     deltas = list(layer.adapters[adapter].values())
     bias = _bias_delta(layer, adapter)
     bias = None if bias is None else distributed.full_tensor(bias)
-    dtype = dtype or layer.base_layer.weight.dtype
+    stored = layer.base_layer.weight.dtype
+    dtype = dtype or (stored if stored.is_floating_point else torch.float32)  # a quantized base: float32
     pairs = [d.low_rank_factors(layer.base_layer) for d in deltas]
     if energy is None and all(pair is not None for pair in pairs):
         b = torch.cat([distributed.full_tensor(p[0]).double() for p in pairs], dim=1)  # (d_out, Σq)

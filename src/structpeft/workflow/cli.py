@@ -83,6 +83,9 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-size", type=int, default=None, help="score a fixed random N of the test split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument(
+        "--quantize", choices=("nf4", "fp4", "int8"), default=None, help="load the base 4-bit or 8-bit (bitsandbytes)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--text-column", default=None)

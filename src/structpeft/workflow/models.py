@@ -122,7 +122,7 @@ def _gemma3_path() -> Path:
     return gemma3_270m_path()
 
 
-def _gguf_model(path: Path, task: Task) -> LoadedModel:
+def _gguf_model(path: Path, task: Task, quantized: Any = None, ref: str | None = None) -> LoadedModel:
     """A GGUF decoder, converted to a float checkpoint once (cached by the file's content) and loaded from it."""
     from structpeft.zoo.assets import offline_hub
     from structpeft.zoo.gguf import cache_folder, convert_gguf, is_converted
@@ -136,8 +136,8 @@ def _gguf_model(path: Path, task: Task) -> LoadedModel:
     converted = convert_gguf(path, folder)
     how = "converted and cached in" if converted.converted_now else "read from the cache"
     print(f"model: {path.name}: {how} {converted.folder}", file=sys.stderr, flush=True)
-    loaded = _transformers_model(str(converted.folder), task)
-    loaded.ref = str(path)
+    loaded = _transformers_model(str(converted.folder), task, quantized)
+    loaded.ref = ref or str(path)
     return loaded
 
 
@@ -194,17 +194,40 @@ def gguf_file(ref: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def load_model(ref: str, task: Task) -> LoadedModel:
-    """``ref`` (a preset, a local HF folder, a GGUF file or a hub id) ready for ``task``, with a new head."""
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+
+def quantization_config(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:
+    """bitsandbytes' config for ``--quantize``: NF4 / FP4 with double quantization (QLoRA's), or int8."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+    )
+
+
+def load_model(
+    ref: str, task: Task, quantize: str | None = None, compute_dtype: torch.dtype | None = None
+) -> LoadedModel:
+    """``ref`` (a preset, a local HF folder, a GGUF file or a hub id) ready for ``task``, with a new head;
+    ``quantize`` (nf4, fp4, int8) loads its linear layers quantized by bitsandbytes."""
     check_model_ref(ref)
+    quantized = None if quantize is None else quantization_config(quantize, compute_dtype)
     if ref in PRESETS:
         preset = PRESETS[ref]
         if preset.kind != task.kind:
             raise ModelError(f"the preset {ref} is for {preset.kind}, and {task.name} is a {task.kind} task")
-        return preset.load(task)
+        if quantized is not None and preset.gguf is None:
+            raise ModelError(f"--quantize takes a transformers model or a GGUF decoder; {ref} is neither")
+        return preset.load(task) if quantized is None else _gguf_model(preset.gguf(), task, quantized, ref)
     if Path(ref).expanduser().is_file():
-        return _gguf_model(Path(ref).expanduser(), task)
-    return _transformers_model(ref, task)
+        return _gguf_model(Path(ref).expanduser(), task, quantized)
+    return _transformers_model(ref, task, quantized)
 
 
 def _family(config: Any, kind: str) -> str:
@@ -223,7 +246,7 @@ def _family(config: Any, kind: str) -> str:
     return "text-encoder"
 
 
-def _transformers_model(ref: str, task: Task) -> LoadedModel:
+def _transformers_model(ref: str, task: Task, quantized: Any = None) -> LoadedModel:
     import transformers
     from transformers.utils import logging
 
@@ -241,6 +264,8 @@ def _transformers_model(ref: str, task: Task) -> LoadedModel:
             "label2id": {v: k for k, v in id2label.items()},
             "ignore_mismatched_sizes": True,  # a fine-tuned checkpoint with other classes gets a new head
         }
+    if quantized is not None:  # bitsandbytes quantizes the linear layers as they load, on the CPU
+        kwargs |= {"quantization_config": quantized, "device_map": "cpu", "dtype": torch.float32}
     logging.set_verbosity_error()  # "some weights are newly initialised" is expected: the head is new
     logging.disable_progress_bar()  # a bar per load is noise between our own lines
     try:
@@ -250,7 +275,8 @@ def _transformers_model(ref: str, task: Task) -> LoadedModel:
     finally:
         logging.set_verbosity_warning()
         logging.enable_progress_bar()
-    model.float()
+    if quantized is None:
+        model.float()  # a quantized model refuses .float(); it loaded with float32 for what is not quantized
     loaded = LoadedModel(model, ref, _family(model.config, task.kind))
     if task.kind != "causal-lm":
         loaded.head = find_head(model, info, task.num_labels)

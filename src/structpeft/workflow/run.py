@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import platform
@@ -29,7 +30,7 @@ from structpeft.core import atomic_write_file
 from structpeft.workflow import recipes, results
 from structpeft.workflow.checkpointing import CHECKPOINT_DIR
 from structpeft.workflow.distributed import Processes, launched_processes
-from structpeft.workflow.models import LoadedModel, check_model_ref, load_model
+from structpeft.workflow.models import QUANTIZATIONS, LoadedModel, check_model_ref, load_model
 from structpeft.workflow.tasks import TASK_TYPES, Task, TaskError, check_rows, check_task_ref, load_task, prompt_ids
 from structpeft.workflow.train import (
     RunLog,
@@ -68,6 +69,7 @@ class RunSpec:
     val_size: float = 0.1
     seed: int = 0
     bf16: bool = False
+    quantize: str | None = None  # load the base quantized: nf4, fp4 or int8 (bitsandbytes)
     device: str = "auto"
     compile: bool = False
     train_size: int | None = None
@@ -123,6 +125,11 @@ def check_spec(spec: RunSpec) -> None:
     if spec.task_type is not None and spec.task_type not in TASK_TYPES:
         raise UsageError(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {spec.task_type!r}")
     checked_device(spec.device)
+    if spec.quantize is not None:
+        if spec.quantize not in QUANTIZATIONS:
+            raise UsageError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {spec.quantize!r}")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError('--quantize needs bitsandbytes: pip install "structpeft[quantized]"')
     if spec.chat_template not in CHAT_TEMPLATE_CHOICES:
         raise UsageError(
             f"--chat-template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {spec.chat_template!r}"
@@ -184,7 +191,7 @@ def _load(spec: RunSpec) -> tuple[Task, LoadedModel]:
         test_size=spec.test_size,
     )
     torch.manual_seed(spec.seed)  # the new head's initialisation
-    return task, load_model(spec.model, task)
+    return task, load_model(spec.model, task, spec.quantize, compute_dtype=torch.bfloat16 if spec.bf16 else None)
 
 
 def _settings(spec: RunSpec, recipe: recipes.Recipe) -> TrainSettings:
