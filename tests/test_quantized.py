@@ -267,3 +267,19 @@ def test_finetune_quantize_trains_and_the_run_evaluates_generates_and_exports(tm
     with pytest.raises(SystemExit) as refused:
         main(["finetune", "--model", str(decoder), "--task", str(chat), "--quantize", "int4"])
     assert refused.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("double", [False, True])
+def test_the_speed_suite_counts_a_4bit_layers_bytes(double) -> None:
+    """Half a byte per weight, plus one scale per block of 64: float32 scales, or (double quantization) uint8
+    scales with their own float32 scales per 256 and a 256-entry code."""
+    from structpeft.workflow.speed import weight_bytes
+
+    layer = bnb.nn.Linear4bit(256, 128, bias=False, quant_type="nf4", compress_statistics=double)
+    layer.weight = bnb.nn.Params4bit(torch.randn(128, 256), quant_type="nf4", compress_statistics=double)
+    layer = layer.to("cpu")
+    blocks = 128 * 256 // 64
+    code = 16 * 4  # the 16 NF4 values, float32
+    scales = blocks * 1 + (2 * 4 + 256 * 4) if double else blocks * 4
+    assert weight_bytes(layer) == 128 * 256 // 2 + scales + code
+    assert weight_bytes(nn.Linear(256, 128, bias=False)) == 128 * 256 * 4

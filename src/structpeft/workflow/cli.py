@@ -172,7 +172,8 @@ def make_parser() -> argparse.ArgumentParser:
     be.add_argument(
         "--sections",
         default=None,
-        help="speed suite: a comma list of text, conv, surm, attention, compile, decoder, products (default: all)",
+        help="speed suite: a comma list of text, conv, surm, attention, compile, decoder, quantized, products "
+        "(default: all)",
     )
     return parser
 

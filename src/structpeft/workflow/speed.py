@@ -13,6 +13,8 @@ Each section builds its candidates on one device, interleaves their training ste
 - ``compile``: ``torch.compile`` vs eager for LoRA, FLoRA and Coeff + LoRA on MiniLM.
 - ``decoder``: every method vs HF PEFT LoRA on a real decoder LLM (SmolLM2-135M-Instruct), batch 4 x 128
   tokens, on its seven projections (Kernel-mix on its attention blocks).
+- ``quantized``: every weight method on an NF4 base (SmolLM2, Gemma 3) vs HF PEFT LoRA on the same base and
+  LoRA on the float base; the weights' own memory, float and NF4, counted exactly.
 
 Memory is the CUDA allocator's peak over one step on a GPU, else the activations autograd saves.
 """
@@ -398,6 +400,75 @@ def decoder_section(device: torch.device, scale: Scale) -> Iterator[Section]:
     )
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """What a model's weights take: every parameter and buffer, and a 4-bit weight's quantization state
+    (its block scales, and their own scales under double quantization)."""
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
+            state = getattr(state, "state2", None)
+    return total
+
+
+def _quantized_decoder(name: str, device: torch.device, scale: Scale, quantize: str | None) -> Workload:
+    """A real decoder from its GGUF (converted once), its linear layers quantized by bitsandbytes if asked."""
+    from transformers import AutoModelForCausalLM
+
+    from structpeft.workflow.models import gguf_file, quantization_config
+    from structpeft.zoo.gguf import convert_gguf
+
+    folder = convert_gguf(gguf_file(name)).folder
+    extra = (
+        {} if quantize is None else {"quantization_config": quantization_config(quantize), "device_map": str(device)}
+    )
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (scale.llm_batch, scale.llm_tokens), generator=g).to(device)
+    return Workload(base, lambda model: model(input_ids=ids, labels=ids).loss, device, "model.embed_tokens")
+
+
+def quantized_section(device: torch.device, scale: Scale) -> Iterator[Section]:
+    """Every weight method on an NF4 base beside HF PEFT LoRA on the same base, and LoRA on the float base.
+    The weights' own memory is counted exactly (parameters, buffers, quantization states) in the title."""
+    import peft
+
+    for name in ("smollm2-135m", "gemma3-270m"):
+        title = f"{name}, NF4 base (bitsandbytes, double quantization), batch {scale.llm_batch} x {scale.llm_tokens}"
+        try:
+            quantized = _quantized_decoder(name, device, scale, "nf4")
+            floating = _quantized_decoder(name, device, scale, None)
+        except (FileNotFoundError, ImportError) as e:  # the model's packages, gguf or bitsandbytes missing
+            yield Section(title, [], [], skipped=str(e))
+            continue
+        q_bytes, f_bytes = weight_bytes(quantized.base), weight_bytes(floating.base)
+        mib = f"{f_bytes / 2**20:.0f} MiB float32, {q_bytes / 2**20:.0f} MiB NF4"
+        title += f"; weights {mib} ({f_bytes / q_bytes:.2f}x less)"
+        lora = lambda: sp.LoraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)  # noqa: E731
+        reference = "hf-peft lora r=8 (nf4)"
+        methods = {
+            "lora r=8 (nf4)": lora(),
+            "flora r=8 (nf4)": sp.FloraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS),
+            "kernel-mix (nf4)": sp.KernelMixConfig(),
+            "surm circulant (nf4)": sp.SurmConfig(target_modules=DECODER_TARGETS),
+        }
+        yield Section(
+            title,
+            [
+                quantized.adapted(reference, peft.LoraConfig(r=8, lora_alpha=16, target_modules=DECODER_TARGETS)),
+                *(quantized.adapted(label, config) for label, config in methods.items()),
+                floating.adapted("lora r=8 (float32 base)", lora()),
+            ],
+            [
+                Ratio("lora r=8 (nf4)", reference, 1.05),
+                *(Ratio(label, reference) for label in list(methods)[1:]),
+                Ratio("lora r=8 (nf4)", "lora r=8 (float32 base)"),
+            ],
+        )
+
+
 SECTIONS: dict[str, Callable[[torch.device, Scale], Iterator[Section]]] = {
     "text": text_section,
     "conv": conv_section,
@@ -405,6 +476,7 @@ SECTIONS: dict[str, Callable[[torch.device, Scale], Iterator[Section]]] = {
     "attention": attention_section,
     "compile": compile_section,
     "decoder": decoder_section,
+    "quantized": quantized_section,
 }
 
 
