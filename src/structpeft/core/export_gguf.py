@@ -87,24 +87,13 @@ def export_gguf(
     if Path(path).is_dir():
         raise ValueError(f"{path} is a folder; a GGUF adapter is one file (give a path ending in .gguf)")
     adapter = _pick_adapter(model, adapter_name)
+    if not hasattr(getattr(model.base_model, "config", None), "get_text_config"):
+        raise ValueError("export_gguf writes adapters of transformers models (llama.cpp names their tensors)")
     config = model.base_model.config.get_text_config()
     arch = architecture or _architecture(config)
-    refused: dict[str, list[str]] = {}  # reason -> layers
-    copies = [name for name, module in model.saved_modules() if adapter in module.copies]
-    if copies:
-        refused["a whole-module copy (modules_to_save), which a llama.cpp adapter cannot replace"] = copies
     layers = _layers_to_export(model, adapter, lora_bias=True)  # bias shifts are refused below, by name
-    names = _tensor_names(gguf, arch, config.num_hidden_layers, list(layers), refused)
-    for name, layer in layers.items():
-        if layer.geometry.kind != "linear":
-            refused.setdefault(f"a {layer.geometry.kind} layer; the GGUF export writes linear layers", []).append(name)
-    if getattr(config, "tie_word_embeddings", False):
-        for name, tensor in names.items():
-            if tensor == "output":
-                why = (
-                    "the output head is tied to the input embedding, and the base GGUF has no output tensor of its own"
-                )
-                refused.setdefault(why, []).append(name)
+    names = _tensor_names(gguf, arch, config.num_hidden_layers, list(layers))
+    refused = _refusals(model, adapter, layers, names, tied=getattr(config, "tie_word_embeddings", False))
     if refused:
         raise ValueError(refusal(f"cannot export adapter {adapter!r} as a llama.cpp LoRA", refused))
 
@@ -164,22 +153,33 @@ def _architecture(config: Any) -> str:
     return GGUF_ARCHITECTURES[model_type]
 
 
-def _tensor_names(
-    gguf: Any, arch: str, blocks: int, layers: list[str], refused: dict[str, list[str]]
-) -> dict[str, str]:
-    """llama.cpp's base tensor name (without ``.weight``) for each layer; unnamed layers go to ``refused``."""
+def _tensor_names(gguf: Any, arch: str, blocks: int, layers: list[str]) -> dict[str, str | None]:
+    """llama.cpp's base tensor name (without ``.weight``) for each layer; None where it has none."""
     by_name = {name: member for member, name in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in by_name:
         raise ValueError(f"the gguf package knows no llama.cpp architecture {arch!r}")
     table = gguf.get_tensor_name_map(by_name[arch], blocks)
-    names: dict[str, str] = {}
-    for layer in layers:
-        found = table.get_name(f"{layer}.weight", try_suffixes=(".weight",))
-        if found is None:
-            refused.setdefault(f"llama.cpp's {arch} has no tensor for it", []).append(layer)
-        else:
-            names[layer] = found.removesuffix(".weight")
-    return names
+    found = {layer: table.get_name(f"{layer}.weight", try_suffixes=(".weight",)) for layer in layers}
+    return {layer: None if name is None else name.removesuffix(".weight") for layer, name in found.items()}
+
+
+def _refusals(
+    model: PeftModel, adapter: str, layers: dict, names: dict[str, str | None], tied: bool
+) -> dict[str, list[str]]:
+    """What a llama.cpp LoRA cannot carry, reason -> the layers it holds for."""
+    refused: dict[str, list[str]] = {}
+    copies = [name for name, module in model.saved_modules() if adapter in module.copies]
+    if copies:
+        refused["a whole-module copy (modules_to_save), which a llama.cpp adapter cannot replace"] = copies
+    for name, layer in layers.items():
+        if names[name] is None:
+            refused.setdefault("llama.cpp's architecture has no tensor for it", []).append(name)
+        elif layer.geometry.kind != "linear":
+            refused.setdefault(f"a {layer.geometry.kind} layer; the GGUF export writes linear layers", []).append(name)
+        elif tied and names[name] == "output":
+            why = "the output head is tied to the input embedding, and the base GGUF has no output tensor of its own"
+            refused.setdefault(why, []).append(name)
+    return refused
 
 
 # -- writing --------------------------------------------------------------------------------------
