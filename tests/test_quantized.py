@@ -27,6 +27,7 @@ QUANTIZATIONS = {
         "bnb_4bit_compute_dtype": torch.float32,
     },
     "int8": {"load_in_8bit": True},
+    "torchao-int8": None,  # torchao's int8 weight-only, applied to the loaded float model
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = {
@@ -63,6 +64,11 @@ def _load(folder, quantization: str | None):
 
     if quantization is None:
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if quantization == "torchao-int8":
+        torchao = pytest.importorskip("torchao")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        torchao.quantization.quantize_(model, torchao.quantization.Int8WeightOnlyConfig())
+        return model
     config = BitsAndBytesConfig(**QUANTIZATIONS[quantization])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bitsandbytes: "inputs will be cast from float32 to float16"
@@ -79,7 +85,14 @@ def _logits(model: nn.Module) -> torch.Tensor:
 
 
 def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n or not p.requires_grad}
+    return {n: _plain(p) for n, p in model.named_parameters() if "base_layer" in n or not p.requires_grad}
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy to compare: torchao's quantized weights by their values (they have no ``torch.equal``)."""
+    if type(tensor).__module__.startswith("torchao."):
+        return tensor.dequantize().detach().clone()
+    return tensor.detach().clone()
 
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
@@ -107,10 +120,10 @@ def test_every_weight_method_trains_on_a_quantized_base(llama_folder, quantizati
         assert not torch.equal(p, before[name]), name
     for name, p in model.named_parameters():
         if name in frozen:
-            assert not p.requires_grad and torch.equal(p, frozen[name]), name
+            assert not p.requires_grad and torch.equal(_plain(p), frozen[name]), name
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "torchao-int8"])
 def test_kernel_mix_reads_the_dequantized_keys(llama_folder, quantization) -> None:
     """Kernel-mix's V part is driven by W_k: on a quantized base it must be the dequantized W_k, as on the
     float model holding those same values."""
@@ -130,7 +143,7 @@ def test_kernel_mix_reads_the_dequantized_keys(llama_folder, quantization) -> No
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "nf4-double", "int8"])
+@pytest.mark.parametrize("quantization", ["nf4", "nf4-double", "int8", "torchao-int8"])
 @pytest.mark.parametrize("method", MERGEABLE)
 def test_merging_into_a_quantized_base(llama_folder, quantization, method) -> None:
     model = sp.get_peft_model(_load(llama_folder, quantization), METHODS[method]())
@@ -171,7 +184,7 @@ def test_a_failed_merge_into_a_quantized_base_restores_it(llama_folder) -> None:
     assert torch.isfinite(after).all() and after.shape == before.shape
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("quantization", ["nf4", "int8", "torchao-int8"])
 def test_checkpoints_move_between_the_quantized_and_the_float_base(llama_folder, tmp_path, quantization) -> None:
     torch.manual_seed(0)
     on_quantized = sp.get_peft_model(_load(llama_folder, quantization), METHODS["lora"]())
@@ -205,7 +218,9 @@ def test_a_quantized_layer_without_a_backend_is_refused_by_name() -> None:
             self.weight = nn.Parameter(torch.zeros(4, 4, dtype=torch.uint8), requires_grad=False)
 
     model = nn.Sequential(PackedLinear())
-    with pytest.raises(TypeError, match="PackedLinear with a torch.uint8 weight: a quantized layer .* bitsandbytes"):
+    with pytest.raises(
+        TypeError, match=r"PackedLinear with a Parameter \(torch.uint8\) weight: a quantized layer .* bitsandbytes"
+    ):
         sp.get_peft_model(model, sp.LoraConfig(target_modules=["0"]))
 
 

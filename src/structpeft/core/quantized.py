@@ -9,7 +9,9 @@ never goes through here: the quantized layer runs as it is and the adapters add 
 output (QLoRA, arXiv 2305.14314).
 
 Backends: bitsandbytes ``Linear4bit`` (nf4 and fp4, with and without double quantization) and
-``Linear8bitLt``. A layer with a non-float weight of any other type is refused by name.
+``Linear8bitLt``; torchao's int8 weight-only ``nn.Linear`` (``quantize_(model, Int8WeightOnlyConfig())``, a
+weight of class ``Int8Tensor``). A layer with a packed or tensor-subclass weight of any other kind is
+refused by name.
 """
 
 from __future__ import annotations
@@ -113,6 +115,26 @@ def _set_weight(layer: nn.Module, saved: object) -> None:
     layer.weight = saved
 
 
+# -- torchao int8 weight-only (Int8WeightOnlyConfig) ------------------------------------------------------
+def _is_torchao_int8(layer: nn.Module) -> bool:
+    weight = layer._parameters.get("weight")
+    return type(weight).__name__ == "Int8Tensor" and type(weight).__module__.startswith("torchao.")
+
+
+def _torchao_dequantize(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.dequantize().float()
+
+
+def _torchao_requantize(layer: nn.Module, new_weight: torch.Tensor) -> None:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    holder = nn.Sequential(nn.Linear(layer.in_features, layer.out_features, bias=False, device=new_weight.device))
+    with torch.no_grad():
+        holder[0].weight.copy_(new_weight)
+    quantize_(holder, Int8WeightOnlyConfig())
+    layer.weight = nn.Parameter(holder[0].weight.detach(), requires_grad=False)
+
+
 BACKENDS = (
     QuantBackend(
         "bitsandbytes Linear4bit",
@@ -131,6 +153,14 @@ BACKENDS = (
         save=lambda m: (m.weight, m.state.CB, m.state.SCB),
         restore=_bnb8_restore,
     ),
+    QuantBackend(
+        "torchao int8 weight-only",
+        _is_torchao_int8,
+        _torchao_dequantize,
+        _torchao_requantize,
+        save=lambda m: m.weight,
+        restore=_set_weight,
+    ),
 )
 SUPPORTED = ", ".join(b.name for b in BACKENDS)
 
@@ -138,17 +168,24 @@ SUPPORTED = ", ".join(b.name for b in BACKENDS)
 def quant_backend(layer: nn.Module, name: str = "") -> QuantBackend | None:
     """The backend of a quantized layer; None for a float layer; an error naming the layer's type for a
     quantized layer no backend reads (its packed weight would be taken for the layer's matrix)."""
-    for backend in BACKENDS:
-        if backend.matches(layer):
-            return backend
+    backend = _matching_backend(layer)
+    if backend is not None:
+        return backend
     weight = layer._parameters.get("weight")  # a layer's own weight, not one a wrapper forwards
-    if weight is not None and not weight.is_floating_point():
+    # Packed storage (an integer dtype), or a quantized tensor subclass (torchao's report a float dtype).
+    foreign = weight is not None and type(weight).__module__.split(".")[0] not in ("torch", "builtins")
+    if weight is not None and (not weight.is_floating_point() or foreign):
         raise TypeError(
-            f"module {name or '?'!r} is a {type(layer).__module__}.{type(layer).__name__} with a {weight.dtype} "
-            f"weight: a quantized layer structpeft has no backend for (supported: {SUPPORTED}). Drop it from "
+            f"module {name or '?'!r} is a {type(layer).__module__}.{type(layer).__name__} with a "
+            f"{type(weight).__name__} ({weight.dtype}) weight: a quantized layer structpeft has no backend for "
+            f"(supported: {SUPPORTED}). Drop it from "
             "target_modules, or load the base unquantized"
         )
     return None
+
+
+def _matching_backend(layer: nn.Module) -> QuantBackend | None:
+    return next((backend for backend in BACKENDS if backend.matches(layer)), None)
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
@@ -200,7 +237,7 @@ def forget_quantization(model: nn.Module) -> None:
 
 def prepare_quantized(model: nn.Module) -> None:
     """Ready every quantized layer of ``model`` for adapters (see each backend's ``prepare``)."""
-    for name, module in model.named_modules():
-        backend = quant_backend(module, name)
+    for module in model.modules():  # layers no backend reads are refused only where adapters go
+        backend = _matching_backend(module)
         if backend is not None:
             backend.prepare(module)
