@@ -242,113 +242,165 @@ def fit(
     gradients are averaged by DistributedDataParallel, weighted so that the step equals the
     one-process step; only the main process saves and shows progress.
     """
-    device = resolve_device(settings.device, processes)
-    model.to(device)
-    forward = model
-    if processes.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    forward = torch.compile(forward) if settings.compile else forward
-    collate = collate_fn(task, loaded, settings)
-    generator = torch.Generator().manual_seed(settings.seed)
-    batches = GlobalBatches(len(task.train), settings.batch_size, generator, processes)
-    # A loader draws a seed for its workers from its own generator, else from torch's global RNG,
-    # which drives dropout: give it its own so that a resumed epoch sees the same dropout masks.
-    loader = DataLoader(task.train, batch_sampler=batches, collate_fn=collate, generator=_worker_seeds())
-    optimizer = _optimizer(model, settings)
-    steps_per_epoch = math.ceil(len(loader) / settings.grad_accum)
-    total = steps_per_epoch * settings.epochs
-    warmup = int(settings.warmup_ratio * total)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1)))
-    )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    best_state: dict[str, torch.Tensor] | None = None
-    position, restored = Position(0, 0, generator.get_state()), False
+    loop = _Loop(model, loaded, task, settings, log, processes, checkpoint, save_every)
     if resume and checkpoint is not None and has_checkpoint(checkpoint):
-        position, best_state = load_checkpoint(checkpoint, model, optimizer, schedule, log)
-        restored = True
-        print(f"resuming from {checkpoint} at step {log.steps} (epoch {position.epoch + 1})", flush=True)
-    mode = bar_mode(settings.progress) if processes.is_main else "none"
-    bar = tqdm(total=total, initial=log.steps, desc="train", unit="step", disable=mode != "bar", dynamic_ncols=True)
-    start = time.perf_counter() - log.train_seconds
-
-    def save(epoch: int, batches_done: int, generator_state: torch.Tensor, epoch_loss: float) -> None:
-        if checkpoint is not None and save_every and processes.is_main:
-            state = Position(epoch, batches_done, generator_state, epoch_loss)
-            save_checkpoint(checkpoint, model, optimizer, schedule, state, log, best_state)
-
+        loop.restore()
     try:
-        for epoch in range(position.epoch, settings.epochs):
-            train_mode(model)
-            if restored and epoch == position.epoch:  # the same shuffle as the interrupted epoch's
-                generator.set_state(position.epoch_generator_state)
-            resuming = restored and epoch == position.epoch and position.batches_done > 0
-            epoch_generator_state = generator.get_state()
-            skip = position.batches_done if resuming else 0
-            epoch_loss = position.epoch_loss if resuming else 0.0
-            epoch_batches, epoch_start, step_start = skip, time.perf_counter(), time.perf_counter()
-            for i, batch in enumerate(loader):
-                if i < skip:
-                    continue
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with _autocast(device, settings.bf16):
-                    loss, count = loss_of(loaded.logits(forward, batch), batch["labels"], task.kind)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at step {log.steps}: lower --lr")
-                # DDP averages the ranks' gradients; weighting by this rank's share of the targets
-                # makes that average the gradient of the global batch's mean loss.
-                share = count * processes.world / global_count(count, processes, device)
-                (loss * share / settings.grad_accum).backward()
-                epoch_loss, epoch_batches = epoch_loss + loss.item(), epoch_batches + 1
-                if (i + 1) % settings.grad_accum and i + 1 != len(loader):
-                    continue
-                if settings.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(trainable, settings.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-                log.steps += 1
-                log.step_seconds.append(time.perf_counter() - step_start)
-                log.losses.append((log.steps, loss.item()))
-                step_start = time.perf_counter()
-                bar.update()
-                bar.set_postfix(
-                    epoch=epoch + 1,
-                    loss=f"{epoch_loss / epoch_batches:.4f}",
-                    ex_s=f"{(epoch_batches - skip) * settings.batch_size / (step_start - epoch_start):.1f}",
-                )
-                if save_every and log.steps % save_every == 0:
-                    log.train_seconds = time.perf_counter() - start
-                    save(epoch, i + 1, epoch_generator_state, epoch_loss)
-            with _autocast(device, settings.bf16):
-                recompute_batch_norm_statistics(
-                    model, _precise_bn_batches(task, loaded, settings, device), loaded.logits
-                )
-            log.train_seconds = time.perf_counter() - start
-            val = evaluate(model, loaded, task, "val", settings, progress=mode == "bar", processes=processes)
-            row = {"epoch": epoch + 1, "step": log.steps, "train_loss": epoch_loss / max(epoch_batches, 1)}
-            row.update({f"val_{k}": v for k, v in val.items()})
-            log.history.append(row)
-            if mode == "lines":
-                print(
-                    f"epoch {epoch + 1}/{settings.epochs}: train loss {row['train_loss']:.4f}, "
-                    + ", ".join(f"val {k} {v:.4f}" for k, v in val.items())
-                    + f", {time.perf_counter() - epoch_start:.0f}s",
-                    flush=True,
-                )
-            if log.best_epoch is None or _better(val, log.best_val):
-                log.best_epoch, log.best_val = epoch + 1, val
-                best_state = {n: t.detach().clone() for n, t in trained_tensors(model).items()}
-                if on_best is not None and processes.is_main:
-                    on_best(epoch + 1)
-            save(epoch + 1, 0, generator.get_state(), 0.0)
+        for epoch in range(loop.position.epoch, settings.epochs):
+            epoch_loss, batches, epoch_start = loop.train_epoch(epoch)
+            loop.end_epoch(epoch, epoch_loss / max(batches, 1), epoch_start, on_best)
     finally:
-        bar.close()
-        log.train_seconds = time.perf_counter() - start
-    if best_state is not None and log.best_epoch != len(log.history):
-        load_trained(model, best_state, "the best epoch's state")
+        loop.bar.close()
+        log.train_seconds = time.perf_counter() - loop.start
+    if loop.best_state is not None and log.best_epoch != len(log.history):
+        load_trained(model, loop.best_state, "the best epoch's state")
     return log
+
+
+class _Loop:
+    """One :func:`fit`: the model and what trains it (data order, optimizer, schedule, progress), and where
+    it stands (the position a checkpoint records, the best epoch's trained tensors)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loaded: LoadedModel,
+        task: Task,
+        settings: TrainSettings,
+        log: RunLog,
+        processes: Processes,
+        checkpoint: Path | None,
+        save_every: int | None,
+    ) -> None:
+        self.model, self.loaded, self.task, self.settings, self.log = model, loaded, task, settings, log
+        self.processes, self.checkpoint, self.save_every = processes, checkpoint, save_every
+        self.device = resolve_device(settings.device, processes)
+        model.to(device := self.device)
+        forward = model
+        if processes.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.forward = torch.compile(forward) if settings.compile else forward
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        batches = GlobalBatches(len(task.train), settings.batch_size, self.generator, processes)
+        # A loader draws a seed for its workers from its own generator, else from torch's global RNG,
+        # which drives dropout: give it its own so that a resumed epoch sees the same dropout masks.
+        collate = collate_fn(task, loaded, settings)
+        self.loader = DataLoader(task.train, batch_sampler=batches, collate_fn=collate, generator=_worker_seeds())
+        self.optimizer = _optimizer(model, settings)
+        total = math.ceil(len(self.loader) / settings.grad_accum) * settings.epochs
+        warmup = int(settings.warmup_ratio * total)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: min((s + 1) / max(warmup, 1), max(0.0, (total - s) / max(total - warmup, 1))),
+        )
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.position, self.restored = Position(0, 0, self.generator.get_state()), False
+        self.mode = bar_mode(settings.progress) if processes.is_main else "none"
+        self.bar = tqdm(
+            total=total, initial=log.steps, desc="train", unit="step", disable=self.mode != "bar", dynamic_ncols=True
+        )
+        self.start = time.perf_counter() - log.train_seconds
+
+    def restore(self) -> None:
+        """Go on from the training checkpoint: weights, optimizer, schedule, log and data position."""
+        self.position, self.best_state = load_checkpoint(
+            self.checkpoint, self.model, self.optimizer, self.schedule, self.log
+        )
+        self.restored = True
+        self.bar.n = self.log.steps
+        self.start = time.perf_counter() - self.log.train_seconds
+        print(f"resuming from {self.checkpoint} at step {self.log.steps} (epoch {self.position.epoch + 1})", flush=True)
+
+    def save(self, epoch: int, batches_done: int, generator_state: torch.Tensor, epoch_loss: float) -> None:
+        if self.checkpoint is not None and self.save_every and self.processes.is_main:
+            state = Position(epoch, batches_done, generator_state, epoch_loss)
+            save_checkpoint(
+                self.checkpoint, self.model, self.optimizer, self.schedule, state, self.log, self.best_state
+            )
+
+    def train_epoch(self, epoch: int) -> tuple[float, int, float]:
+        """One pass over the training data (the rest of it, in a resumed epoch): (summed loss, batches, start time)."""
+        settings, log, position = self.settings, self.log, self.position
+        train_mode(self.model)
+        resumed_epoch = self.restored and epoch == position.epoch
+        if resumed_epoch:  # the same shuffle as the interrupted epoch's
+            self.generator.set_state(position.epoch_generator_state)
+        resuming = resumed_epoch and position.batches_done > 0
+        epoch_generator_state = self.generator.get_state()
+        skip = position.batches_done if resuming else 0
+        epoch_loss = position.epoch_loss if resuming else 0.0
+        epoch_batches, epoch_start, step_start = skip, time.perf_counter(), time.perf_counter()
+        for i, batch in enumerate(self.loader):
+            if i < skip:
+                continue
+            loss = self._backward(batch)
+            epoch_loss, epoch_batches = epoch_loss + loss, epoch_batches + 1
+            if (i + 1) % settings.grad_accum and i + 1 != len(self.loader):
+                continue
+            self._step()
+            log.step_seconds.append(time.perf_counter() - step_start)
+            log.losses.append((log.steps, loss))
+            step_start = time.perf_counter()
+            self.bar.update()
+            self.bar.set_postfix(
+                epoch=epoch + 1,
+                loss=f"{epoch_loss / epoch_batches:.4f}",
+                ex_s=f"{(epoch_batches - skip) * settings.batch_size / (step_start - epoch_start):.1f}",
+            )
+            if self.save_every and log.steps % self.save_every == 0:
+                log.train_seconds = time.perf_counter() - self.start
+                self.save(epoch, i + 1, epoch_generator_state, epoch_loss)
+        return epoch_loss, epoch_batches, epoch_start
+
+    def _backward(self, batch: dict[str, torch.Tensor]) -> float:
+        """The loss of one batch, its gradient accumulated; returns the loss."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with _autocast(self.device, self.settings.bf16):
+            loss, count = loss_of(self.loaded.logits(self.forward, batch), batch["labels"], self.task.kind)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {self.log.steps}: lower --lr")
+        # DDP averages the ranks' gradients; weighting by this rank's share of the targets
+        # makes that average the gradient of the global batch's mean loss.
+        share = count * self.processes.world / global_count(count, self.processes, self.device)
+        (loss * share / self.settings.grad_accum).backward()
+        return loss.item()
+
+    def _step(self) -> None:
+        if self.settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.log.steps += 1
+
+    def end_epoch(self, epoch: int, train_loss: float, started: float, on_best: Callable[[int], None] | None) -> None:
+        """Batch-norm statistics, the validation score, the history row, the best epoch and a checkpoint."""
+        settings, log = self.settings, self.log
+        with _autocast(self.device, settings.bf16):
+            batches = _precise_bn_batches(self.task, self.loaded, settings, self.device)
+            recompute_batch_norm_statistics(self.model, batches, self.loaded.logits)
+        log.train_seconds = time.perf_counter() - self.start
+        val = evaluate(
+            self.model, self.loaded, self.task, "val", settings, self.mode == "bar", processes=self.processes
+        )
+        row = {"epoch": epoch + 1, "step": log.steps, "train_loss": train_loss}
+        row.update({f"val_{k}": v for k, v in val.items()})
+        log.history.append(row)
+        if self.mode == "lines":
+            print(
+                f"epoch {epoch + 1}/{settings.epochs}: train loss {train_loss:.4f}, "
+                + ", ".join(f"val {k} {v:.4f}" for k, v in val.items())
+                + f", {time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
+        if log.best_epoch is None or _better(val, log.best_val):
+            log.best_epoch, log.best_val = epoch + 1, val
+            self.best_state = {n: t.detach().clone() for n, t in trained_tensors(self.model).items()}
+            if on_best is not None and self.processes.is_main:
+                on_best(epoch + 1)
+        self.save(epoch + 1, 0, self.generator.get_state(), 0.0)
 
 
 def _better(new: dict[str, float], old: dict[str, float]) -> bool:
