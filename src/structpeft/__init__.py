@@ -29,3 +29,14 @@ __all__ = [
     "export_lora",
     "get_peft_model",
 ]
+
+
+def __getattr__(name: str):
+    """Any method's config class by its name (``sp.MyMethodConfig``), for methods added as a folder in
+    ``structpeft/methods`` without an entry here."""
+    from structpeft.core import method_cards
+
+    for card in method_cards().values():
+        if card.config.__name__ == name:
+            return card.config
+    raise AttributeError(f"module 'structpeft' has no attribute {name!r}")

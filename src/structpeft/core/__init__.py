@@ -1,6 +1,7 @@
 """Method-agnostic machinery: configs, injection, the wrapper model, checkpoint I/O."""
 
 from structpeft.core.atomic import atomic_write_dir, atomic_write_file, committed_path, recover
+from structpeft.core.cards import FAMILIES, MethodCard, method_cards, register_card
 from structpeft.core.checkpoint import CONFIG_NAME, CheckpointError
 from structpeft.core.config import AdapterConfig, register_method, registered_methods
 from structpeft.core.export import ExportReport, LayerExport, export_lora
@@ -17,6 +18,8 @@ from structpeft.core.model import PeftModel, get_peft_model
 
 __all__ = [
     "CONFIG_NAME",
+    "FAMILIES",
+    "MethodCard",
     "AdaptedLayer",
     "AdapterConfig",
     "AdapterDelta",
@@ -34,8 +37,10 @@ __all__ = [
     "get_peft_model",
     "gguf_architecture",
     "layer_geometry",
+    "method_cards",
     "module_host",
     "recover",
+    "register_card",
     "register_method",
     "registered_methods",
 ]

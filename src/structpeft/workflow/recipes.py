@@ -1,11 +1,11 @@
 """Method names to adapter configs, with each method's default hyperparameters per model family.
 
-The method names come from structpeft's registry (``peft_type`` lower-cased, ``_`` -> ``-``: lora,
-flora, surm, coeff, kernel-mix), joined by ``+`` to compose them in one adapter (``coeff+lora``),
-plus two baselines that are not adapters: ``probe`` (the new head only) and ``full`` (every weight),
-and HF PEFT's own methods as references (``hf-lora``, ``hf-loha``, ``hf-c3a``: the ``peft`` package,
-imported when used), trained by the same loop on the same batches; they do not compose.
-``surm-<structure>[-adapter]`` is shorthand for ``surm`` with those two fields set.
+The methods and their defaults come from structpeft's method cards (``structpeft.core.cards``: each method
+declares its own in its folder), joined by ``+`` to compose them in one adapter (``coeff+lora``), plus two
+baselines that are not adapters: ``probe`` (the new head only) and ``full`` (every weight), and HF PEFT's own
+methods as references (``hf-lora``, ``hf-loha``, ``hf-c3a``: the ``peft`` package, imported when used),
+trained by the same loop on the same batches; they do not compose. A card may define shorthand names
+(``surm-<structure>[-adapter]``). This module names no structpeft method.
 
 Where each default comes from is recorded in docs/workflow.md ("Default hyperparameters").
 """
@@ -22,16 +22,12 @@ from typing import Any
 from torch import nn
 
 import structpeft as sp
-from structpeft.core import registered_methods
+from structpeft.core import FAMILIES, MethodCard, method_cards
 
 BASELINES = ("probe", "full")
-SURM_ADAPTER_TARGETS = ["attention.output.dense", "output.dense"]  # Houlsby placement, BERT-style names
 NOT_SETTABLE = {"extra", "modules_to_save"}  # modules_to_save is the head the model gives
 # HF PEFT's methods, by their config class in the peft package.
 HF_METHODS = {"hf-lora": "LoraConfig", "hf-loha": "LoHaConfig", "hf-c3a": "C3AConfig"}
-# Coeff-Tuning is a plug-in on top of another method (arXiv 2503.18337): in a composition it keeps
-# its own learning rate and the other method leads (its lr is --lr's and the head's).
-PLUG_INS = ("coeff",)
 
 
 class RecipeError(ValueError):
@@ -39,8 +35,12 @@ class RecipeError(ValueError):
 
 
 def adapter_methods() -> dict[str, type[sp.AdapterConfig]]:
-    """CLI name -> config class, for every registered method."""
-    return {t.lower().replace("_", "-"): cls for t, cls in registered_methods().items()}
+    """CLI name -> config class, for every method with a card."""
+    return {name: card.config for name, card in method_cards().items()}
+
+
+def plug_ins() -> set[str]:
+    return {name for name, card in method_cards().items() if card.plug_in}
 
 
 def method_names() -> list[str]:
@@ -58,55 +58,35 @@ def config_class(name: str) -> type:
     return getattr(peft, HF_METHODS[name])
 
 
-# Defaults per model family: config fields and the learning rate. "targets" is resolved against
-# the model: "linear" = every linear layer but the head and the output embedding; "conv" = every
-# Conv2d; None = the method's own default (every attention layer or block).
+# Defaults per model family for what has no card: the baselines and HF PEFT's references. C3A's block size
+# must divide every target's in and out sizes: "gcd" takes the largest that does (PEFT's own advice); its lr
+# is ours (C3A has no alpha scaling, so it wants a larger one).
 _LINEAR_WEIGHTS = {"target_modules": "linear"}
-# HF PEFT references. C3A's block size must divide every target's in and out sizes: "gcd" takes the
-# largest that does (PEFT's own advice); its lr is ours (C3A has no alpha scaling, so it wants a larger one).
 _HF_LINEAR = {
     "hf-lora": {"r": 8, "lora_alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
     "hf-loha": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
     "hf-c3a": {"block_size": "gcd", "lr": 1e-2, **_LINEAR_WEIGHTS},
 }
-_TEXT_ENCODER: dict[str, dict[str, Any]] = {
-    "lora": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
-    "flora": {"r": 8, "alpha": 16, "lr": 5e-3, **_LINEAR_WEIGHTS},
-    "surm": {"alpha": 1.0, "lr": 2e-2, **_LINEAR_WEIGHTS},
-    "coeff": {"lr": 2e-2},
-    "kernel-mix": {"lr": 1e-3},
-    "probe": {"lr": 2e-2},
-    "full": {"lr": 5e-5},
-    **_HF_LINEAR,
-}
-DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "text-encoder": _TEXT_ENCODER,
-    "vit": {
-        **_TEXT_ENCODER,
-        # chosen on validation from 2e-2 x {1/3, 1, 3} (DINOv2-S, 2,000 Fashion-MNIST images, 1 epoch):
-        # 6e-2 diverged; 2e-2 and 6.7e-3 tied on accuracy, 6.7e-3 had the lower loss
-        "coeff": {"lr": 6.7e-3},
-        "probe": {"lr": 1e-2},
-    },
+_NOT_CARDED: dict[str, dict[str, dict[str, Any]]] = {
+    "text-encoder": {"probe": {"lr": 2e-2}, "full": {"lr": 5e-5}, **_HF_LINEAR},
+    "vit": {"probe": {"lr": 1e-2}, "full": {"lr": 5e-5}, **_HF_LINEAR},
     "convnet": {
-        "lora": {"r": 8, "alpha": 16, "lr": 1e-3, "target_modules": "conv"},
-        "flora": {"r": 8, "alpha": 16, "lr": 5e-3, "target_modules": "conv"},
         "probe": {"lr": 1e-2},
         "full": {"lr": 1e-3},
         # HF PEFT's LoRA-conv needs the rank divisible by a conv's groups: it skips the depthwise convs
         "hf-lora": {"r": 8, "lora_alpha": 16, "lr": 1e-3, "target_modules": "conv-dense"},
         "hf-loha": {"r": 8, "alpha": 16, "lr": 1e-3, "target_modules": "conv"},
     },
-    "decoder": {
-        "lora": {"r": 8, "alpha": 16, "lr": 2e-4, **_LINEAR_WEIGHTS},
-        "flora": {"r": 8, "alpha": 16, "lr": 1e-3, **_LINEAR_WEIGHTS},
-        "surm": {"alpha": 1.0, "lr": 5e-3, **_LINEAR_WEIGHTS},
-        "coeff": {"lr": 5e-3},
-        "kernel-mix": {"lr": 2e-4},
-        "probe": {"lr": 1e-3},
-        "full": {"lr": 2e-5},
-    },
+    "decoder": {"probe": {"lr": 1e-3}, "full": {"lr": 2e-5}},
 }
+
+
+def family_defaults(family: str) -> dict[str, dict[str, Any]]:
+    """Method name -> its default fields and ``lr`` on a model of ``family``: every card's, then the rest."""
+    if family not in FAMILIES:
+        raise RecipeError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    carded = {name: card.defaults[family] for name, card in method_cards().items() if family in card.defaults}
+    return {**carded, **_NOT_CARDED[family]}
 
 
 @dataclass
@@ -149,11 +129,7 @@ def split_method(method: str) -> list[tuple[str, dict[str, Any]]]:
     known = adapter_methods()
     parts = []
     for name in method.split("+"):
-        fields: dict[str, Any] = {}
-        if name.startswith("surm-") and "surm" in known:
-            structure = name.removeprefix("surm-").removesuffix("-adapter")
-            fields = {"structure": structure, "mode": "adapter" if name.endswith("-adapter") else "lora"}
-            name = "surm"
+        name, fields = _expand_shorthand(name)
         if name not in known and name not in BASELINES and name not in HF_METHODS:
             raise RecipeError(f"unknown method {name!r}; choose from {', '.join(method_names())} (join with '+')")
         parts.append((name, fields))
@@ -165,6 +141,15 @@ def split_method(method: str) -> list[tuple[str, dict[str, Any]]]:
     if len(set(names)) != len(names):
         raise RecipeError(f"{method}: a method appears twice")
     return parts
+
+
+def _expand_shorthand(name: str) -> tuple[str, dict[str, Any]]:
+    """A card's shorthand name (``surm-toeplitz``) -> (the method's name, the fields it stands for)."""
+    for card_name, card in method_cards().items():
+        fields = card.shorthand(name) if card.shorthand is not None else None
+        if fields is not None:
+            return card_name, fields
+    return name, {}
 
 
 def settable_fields(name: str) -> list[str]:
@@ -270,16 +255,18 @@ def build_recipe(method: str, family: str, settings: dict[str, str], model: nn.M
     parts = split_method(method)
     names = [n for n, _ in parts]
     routed = route_settings(names, settings)
-    family_defaults = DEFAULTS[family]
+    defaults = family_defaults(family)
+    cards = method_cards()
     recipe = Recipe(method, names)
-    lead = next((n for n in names if n not in PLUG_INS), names[0])
+    lead = next((n for n in names if n not in plug_ins()), names[0])
     for name, alias_fields in parts:
-        if name not in family_defaults:
+        if name not in defaults:
+            why = cards[name].no_recipe.get(family) if name in cards else None
             raise RecipeError(
-                f"{name} has no recipe for a {family} ({_why_not(name, family)}); "
-                f"methods for a {family}: {', '.join(sorted(family_defaults))}"
+                f"{name} has no recipe for a {family} ({why or 'no defaults measured'}); "
+                f"methods for a {family}: {', '.join(sorted(defaults))}"
             )
-        fields = {**family_defaults[name], **alias_fields, **routed[name]}
+        fields = {**defaults[name], **alias_fields, **routed[name]}
         lr = float(fields.pop("lr"))
         if name == lead:
             recipe.lr = lr
@@ -287,12 +274,9 @@ def build_recipe(method: str, family: str, settings: dict[str, str], model: nn.M
             recipe.lr_by_method[adapter_methods()[name].peft_type.lower()] = lr
         if name in BASELINES:
             continue
-        if (
-            fields.get("mode") == "adapter"
-            and "target_modules" in family_defaults[name]
-            and "target_modules" not in routed[name]
-        ):
-            fields["target_modules"] = SURM_ADAPTER_TARGETS
+        placed = _placed_targets(cards.get(name), fields)
+        if placed is not None and "target_modules" in defaults[name] and "target_modules" not in routed[name]:
+            fields["target_modules"] = placed
         if "target_modules" in fields:
             fields["target_modules"] = _targets(fields["target_modules"], model, head, family, name)
         if fields.get("block_size") == "gcd":
@@ -305,12 +289,8 @@ def build_recipe(method: str, family: str, settings: dict[str, str], model: nn.M
     return recipe
 
 
-def _why_not(name: str, family: str) -> str:
-    if family == "convnet" and name in ("coeff", "kernel-mix"):
-        return "a convnet has no attention"
-    if family == "convnet" and name == "surm":
-        return "SURM adapts linear layers; a convnet's are its head"
-    return "no defaults measured"
+def _placed_targets(card: MethodCard | None, fields: dict[str, Any]) -> list[str] | None:
+    return None if card is None or card.placed_targets is None else card.placed_targets(fields)
 
 
 def config_field_types(name: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 import structpeft as sp
-from structpeft.core import atomic_write_file
+from structpeft.core import atomic_write_file, method_cards
 from structpeft.workflow import recipes, results
 from structpeft.workflow.checkpointing import CHECKPOINT_DIR
 from structpeft.workflow.distributed import Processes, launched_processes
@@ -477,13 +478,9 @@ def generate(
 
 
 # -- budget ---------------------------------------------------------------------------------------
-# The knob that sizes each method, as --set fields for a value k = 1, 2, 3, ...
-SIZE_KNOBS = {
-    "lora": lambda k: {"r": k},
-    "flora": lambda k: {"r": k},
-    "kernel-mix": lambda k: {"r_q": k, "r_v": 2 * k, "r_q_shared": 2 * k, "r_v_shared": 4 * k},
-    "surm": lambda k: {"rank": k},  # LDR's generator count; the other structures have a fixed size
-}
+def size_knobs() -> dict[str, Callable[[int], dict[str, Any]]]:
+    """Method name -> the fields of its k-th size (k = 1, 2, ...), from the method cards."""
+    return {name: card.size for name, card in method_cards().items() if card.size is not None}
 
 
 def adapter_params(model: nn.Module) -> int:
@@ -510,15 +507,16 @@ def size_for(loaded: LoadedModel, method: str, params: int, settings: dict[str, 
     """The size setting of ``method`` whose adapter on ``loaded`` comes closest to ``params`` parameters:
     ``{"method", "target", "settings" (the knob's fields), "adapter_params"}``."""
     parts = recipes.split_method(method)
-    sized = [(name, fields) for name, fields in parts if name in SIZE_KNOBS]
+    knobs = size_knobs()
+    sized = [(name, fields) for name, fields in parts if name in knobs]
     if not sized:
-        raise UsageError(f"{method}: no size to choose (sizeable methods: {', '.join(SIZE_KNOBS)})")
+        raise UsageError(f"{method}: no size to choose (sizeable methods: {', '.join(knobs)})")
     name = sized[0][0]
     counts: dict[int, int] = {}
 
     def count(k: int) -> int:
         if k not in counts:
-            knob = {(f"{name}.{key}" if len(parts) > 1 else key): str(v) for key, v in SIZE_KNOBS[name](k).items()}
+            knob = {(f"{name}.{key}" if len(parts) > 1 else key): str(v) for key, v in knobs[name](k).items()}
             counts[k] = adapter_size(loaded, method, {**settings, **knob})
         return counts[k]
 
@@ -529,14 +527,15 @@ def size_for(loaded: LoadedModel, method: str, params: int, settings: dict[str, 
         mid = (low + high) // 2
         low, high = (mid, high) if count(mid) < params else (low, mid)
     best = min((low, high), key=lambda k: abs(count(k) - params))
-    return {"method": method, "target": params, "settings": SIZE_KNOBS[name](best), "adapter_params": count(best)}
+    return {"method": method, "target": params, "settings": knobs[name](best), "adapter_params": count(best)}
 
 
 def budget(model_ref: str, method: str, params: int, task_ref: str, settings: dict[str, str]) -> dict[str, Any]:
     """The size setting of ``method`` whose adapter comes closest to ``params`` trainable parameters."""
     parts = recipes.split_method(method)
-    if not any(name in SIZE_KNOBS for name, _ in parts):
-        raise UsageError(f"{method}: no size to choose (sizeable methods: {', '.join(SIZE_KNOBS)})")
+    knobs = size_knobs()
+    if not any(name in knobs for name, _ in parts):
+        raise UsageError(f"{method}: no size to choose (sizeable methods: {', '.join(knobs)})")
     check_spec(RunSpec(model=model_ref, task=task_ref, method=method, settings=settings))
     found = size_for(load_for_sizing(model_ref, task_ref), method, params, settings)
     sets = " ".join(f"--set {k}={v}" for k, v in found["settings"].items())

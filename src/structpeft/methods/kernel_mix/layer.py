@@ -36,7 +36,7 @@ from structpeft.methods.kernel_mix.config import KernelMixConfig
 
 def _weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as (d_out, d_in), whatever its storage (HF Conv1D stores the transpose; a quantized
-    layer is dequantized)."""
+    layer is dequantized). Read when a delta is made; a step reads a float key layer's weight directly."""
     return layer.weight.T if layer_geometry(layer).transposed else dense_weight(layer)
 
 
@@ -263,8 +263,9 @@ class KernelMixValue(_KernelMixDelta):
             self.register_buffer("frozen_key_weight", key_weight, persistent=False)
             self.register_buffer("frozen_key_bias", key_bias, persistent=False)
         else:
-            key_out = layer_geometry(key_layer).out_features
-            self.register_buffer("key_rows", _row_index(anatomy.key_rows, key_out), persistent=False)
+            key_geometry = layer_geometry(key_layer)
+            self._key_transposed = key_geometry.transposed  # fixed here: a step does no layer checks
+            self.register_buffer("key_rows", _row_index(anatomy.key_rows, key_geometry.out_features), persistent=False)
         if config.r_v:
             self.v = HeadwiseKeyDriven(anatomy.kv_heads, anatomy.head_dim, config.r_v, bias)
         if config.r_v_shared:
@@ -276,7 +277,7 @@ class KernelMixValue(_KernelMixDelta):
         if key is None:
             w, b = self.frozen_key_weight, self.frozen_key_bias
         else:
-            w, b = _weight(key), key.bias
+            w, b = (key.weight.T if self._key_transposed else key.weight), key.bias
             if self.key_rows is not None:
                 w, b = w[self.key_rows], None if b is None else b[self.key_rows]
         dtype = self.compute_dtype  # the frozen keys meet the adapter's factors in the adapter's dtype
