@@ -278,6 +278,8 @@ def test_finetune_quantize_trains_and_the_run_evaluates_generates_and_exports(tm
 
     tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+    assert main(["export", "--adapter", run, "--format", "gguf", "--out", str(tmp_path / "lora.gguf")]) == 0
+    assert (tmp_path / "lora.gguf").stat().st_size > 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         main(["finetune", "--model", str(decoder), "--task", str(chat), "--quantize", "int4"])
