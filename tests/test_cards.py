@@ -77,9 +77,9 @@ def _string_constants(path: Path, skip_classes: tuple[str, ...] = ()) -> set[str
     }
 
 
-@pytest.mark.parametrize("module,skip", [("recipes.py", ()), ("run.py", ("RunSpec",))])
+@pytest.mark.parametrize("module,skip", [("recipes.py", ()), ("run.py", ("RunSpec",)), ("bench.py", ())])
 def test_the_workflow_names_no_method(module: str, skip: tuple[str, ...]) -> None:
-    """recipes.py and run.py read the cards (run.py's one exception: the command line's default method)."""
+    """recipes.py, run.py and bench.py read the cards (run.py's one exception: the command line's default)."""
     path = ROOT / "src" / "structpeft" / "workflow" / module
     named = _string_constants(path, skip) & set(CARDS)
     assert not named, f"{module} names {sorted(named)}: declare it in the method's card"
@@ -122,3 +122,16 @@ def test_a_new_method_reaches_the_workflow_through_its_card_alone(monkeypatch) -
     recipe = recipes.build_recipe("toy", "decoder", {"r": "3"}, tiny_llama(), [])
     assert recipe.lr == 3e-3 and isinstance(recipe.configs[0], ToyConfig) and recipe.configs[0].r == 3
     assert run.size_knobs()["toy"](5) == {"r": 5}
+
+
+def test_the_bench_suites_take_their_entries_from_the_cards() -> None:
+    """A suite holds every card's entries whose methods have defaults for its family, and no others."""
+    from structpeft.workflow import bench
+
+    text, conv = bench.SUITES["text"], bench.SUITES["conv"]
+    assert set(text.sized) == {e for c in CARDS.values() for e in c.bench_sized}
+    assert set(text.fixed) == {e for c in CARDS.values() for e in c.bench_fixed}
+    assert set(conv.sized) == {e for n, c in CARDS.items() for e in c.bench_sized if "convnet" in c.defaults}
+    assert conv.fixed == ()  # SURM and Coeff-Tuning have no convnet defaults
+    unit = [n for n, c in CARDS.items() if c.budget_unit]
+    assert len(unit) == 1 and {b.method for b in conv.budgets} == set(unit)

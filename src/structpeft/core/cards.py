@@ -36,6 +36,10 @@ class MethodCard:
     shorthand: a name like ``surm-toeplitz-adapter`` -> the fields it stands for, or None for other names.
     placed_targets: given a run's fields, module names that replace the family's default targets (SURM's
         adapter mode goes after the attention and feed-forward outputs), or None.
+    bench_sized: the bench's entries for this method, sized to each of a suite's budgets, as the command
+        line names them (a plug-in's may compose: Coeff-Tuning's is ``coeff+lora``).
+    bench_fixed: its entries at their own size (SURM circulant, Coeff-Tuning alone).
+    budget_unit: the method whose size knob states the bench's budgets ("LoRA r=8's size"); one card has it.
     """
 
     name: str
@@ -46,6 +50,9 @@ class MethodCard:
     plug_in: bool = False
     shorthand: Callable[[str], dict[str, Any] | None] | None = None
     placed_targets: Callable[[dict[str, Any]], list[str] | None] | None = None
+    bench_sized: tuple[str, ...] = ()
+    bench_fixed: tuple[str, ...] = ()
+    budget_unit: bool = False
 
     def __post_init__(self) -> None:
         unknown = (set(self.defaults) | set(self.no_recipe)) - set(FAMILIES)

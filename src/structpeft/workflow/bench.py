@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from structpeft.core import method_cards
 from structpeft.workflow import recipes, results, run
 from structpeft.workflow.distributed import launched_processes
 
@@ -78,9 +79,26 @@ class Suite:
     budgets: tuple[Budget, ...]
 
 
-_OURS_ON_TRANSFORMERS = ("lora", "flora", "surm-ldr", "kernel-mix", "coeff+lora")
+def _ours(family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(sized, fixed): every method card's bench entries whose methods all have defaults for ``family``."""
+    cards = method_cards()
+
+    def covered(entry: str) -> bool:
+        return all(name in cards and family in cards[name].defaults for name, _ in recipes.split_method(entry))
+
+    sized = tuple(entry for card in cards.values() for entry in card.bench_sized if covered(entry))
+    fixed = tuple(entry for card in cards.values() for entry in card.bench_fixed if covered(entry))
+    return sized, fixed
+
+
+def _unit_budget(k: int) -> Budget:
+    """The budget of the budget-unit method (LoRA) at its k-th size: ``lora-r8`` is LoRA r=8's adapter size."""
+    unit = next(card for card in method_cards().values() if card.budget_unit)
+    return Budget(f"{unit.name}-r{k}", unit.name, {key: str(v) for key, v in unit.size(k).items()})
+
+
 _REFERENCES = ("probe", "full", "hf-lora", "hf-loha", "hf-c3a")
-_TRANSFORMER_BUDGETS = (Budget("c3a", "hf-c3a"), Budget("lora-r8", "lora", {"r": "8"}))
+_TRANSFORMER_BUDGETS = (Budget("c3a", "hf-c3a"), _unit_budget(8))
 
 
 def _vision(model: str, image_size: int, quick_image_size: int, main_size: int = 1600) -> tuple[Setting, ...]:
@@ -112,19 +130,19 @@ SUITES: dict[str, Suite] = {
     "text": Suite(
         "text", "MiniLM on Rotten Tomatoes",
         (Setting("minilm", "minilm", "rotten-tomatoes", train_size=1200, val_size=300, test_size=1000),),
-        _OURS_ON_TRANSFORMERS, ("surm", "coeff"), _REFERENCES, _TRANSFORMER_BUDGETS,
+        *_ours("text-encoder"), _REFERENCES, _TRANSFORMER_BUDGETS,
     ),
     "conv": Suite(
         "conv", "MobileNetV2 and EfficientNet-Lite0 on Fashion-MNIST (depthwise and pointwise convs: FLoRA's home)",
         _main_settings_first(_vision("mobilenet_v2", 64, 32), _vision("efficientnet_lite0", 64, 32)),
-        ("lora", "flora"), (), ("probe", "full", "hf-lora", "hf-loha"),
+        *_ours("convnet"), ("probe", "full", "hf-lora", "hf-loha"),
         # a convnet has no layer C3A adapts (it takes linear layers): the small budget is LoRA r=1's
-        (Budget("lora-r1", "lora", {"r": "1"}), Budget("lora-r8", "lora", {"r": "8"})),
+        (_unit_budget(1), _unit_budget(8)),
     ),
     "vit": Suite(
         "vit", "DINOv2-S on Fashion-MNIST (Coeff-Tuning's home)",
         _vision("dinov2_small", 56, 28, main_size=1200),
-        _OURS_ON_TRANSFORMERS, ("surm", "coeff"), _REFERENCES, _TRANSFORMER_BUDGETS,
+        *_ours("vit"), _REFERENCES, _TRANSFORMER_BUDGETS,
     ),
 }  # fmt: skip
 

@@ -20,5 +20,7 @@ CARD = register_card(
         # A plug-in on top of another method (arXiv 2503.18337): in a composition it keeps its own learning
         # rate and the other method leads.
         plug_in=True,
+        bench_sized=("coeff+lora",),
+        bench_fixed=("coeff",),
     )
 )

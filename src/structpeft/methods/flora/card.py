@@ -16,5 +16,6 @@ CARD = register_card(
             "decoder": {"r": 8, "alpha": 16, "lr": 1e-3, "target_modules": "linear"},
         },
         size=lambda k: {"r": k},
+        bench_sized=("flora",),
     )
 )

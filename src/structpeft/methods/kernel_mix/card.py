@@ -12,5 +12,6 @@ CARD = register_card(
         defaults={"text-encoder": {"lr": 1e-3}, "vit": {"lr": 1e-3}, "decoder": {"lr": 2e-4}},
         no_recipe={"convnet": "a convnet has no attention"},
         size=lambda k: {"r_q": k, "r_v": 2 * k, "r_q_shared": 2 * k, "r_v_shared": 4 * k},
+        bench_sized=("kernel-mix",),
     )
 )

@@ -16,5 +16,7 @@ CARD = register_card(
             "decoder": {"r": 8, "alpha": 16, "lr": 2e-4, "target_modules": "linear"},
         },
         size=lambda k: {"r": k},
+        bench_sized=("lora",),
+        budget_unit=True,  # the bench states budgets as LoRA r=k's size
     )
 )

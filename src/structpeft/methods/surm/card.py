@@ -32,5 +32,7 @@ CARD = register_card(
         size=lambda k: {"rank": k},  # LDR's generator count; the other structures have a fixed size
         shorthand=_shorthand,
         placed_targets=lambda fields: ADAPTER_TARGETS if fields.get("mode") == "adapter" else None,
+        bench_sized=("surm-ldr",),  # LDR has a size knob; circulant's size is its own
+        bench_fixed=("surm",),
     )
 )
