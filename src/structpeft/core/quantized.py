@@ -16,6 +16,7 @@ refused by name.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,11 +39,10 @@ class QuantBackend:
 
 
 def _is_bnb(layer: nn.Module, class_name: str) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(layer, getattr(bnb.nn, class_name))
+    # A bitsandbytes layer exists only once bitsandbytes is imported: a float model never imports it (0.8 s
+    # and a warning about its hub kernels, on every get_peft_model, before this check).
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(layer, getattr(bnb.nn, class_name))
 
 
 # -- bitsandbytes 4-bit (NF4, FP4) ------------------------------------------------------------------
