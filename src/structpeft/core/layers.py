@@ -286,8 +286,7 @@ class AdaptedLayer(AdapterHost):
                 raise ValueError(f"merging adapter {adapter!r} gives non-finite weights or biases")
             if backend is None:
                 weight.copy_(new_w.to(weight.dtype))
-            else:
-                self.requantization_error = write_weight(self.base_layer, new_w)
+            self.requantization_error = None if backend is None else write_weight(self.base_layer, new_w)
             if new_b is not None:
                 bias.copy_(new_b.to(bias.dtype))
 
