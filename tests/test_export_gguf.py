@@ -255,3 +255,16 @@ def test_export_gguf_refuses_with_exit_2_and_one_line_before_writing(tmp_path, m
     assert "is a folder" in capsys.readouterr().err
     saved = json.loads((tmp_path / "coeff" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"]  # what an adapter folder's export falls back to without --model
+
+
+def test_a_bias_shift_is_refused_before_any_factoring(tmp_path, monkeypatch) -> None:
+    """Kernel-mix's head biases on GPT-2's biased projections: llama.cpp's LoRA has no bias, refused by name
+    before any SVD runs."""
+    from structpeft.core import export
+    from tests.models import tiny_gpt2
+
+    model = sp.get_peft_model(tiny_gpt2(), sp.KernelMixConfig(init_weights=False, dropout=0.0))
+    monkeypatch.setattr(export, "_svd", lambda *a: pytest.fail("factored before refusing"))
+    with pytest.raises(ValueError, match=r"also shifts the biases of transformer\.h\.0\.attn\.c_attn"):
+        model.export_gguf(tmp_path / "adapter.gguf", rank=4)
+    assert not list(tmp_path.iterdir())

@@ -240,8 +240,7 @@ def _layers_to_export(model: PeftModel, adapter: str, lora_bias: bool) -> dict[s
     if not layers:
         raise ValueError(f"adapter {adapter!r} adapts no layer; there is no LoRA to export")
     if not lora_bias:
-        with distributed.unsharded(model), torch.no_grad():
-            biased = [n for n, layer in layers.items() if _bias_delta(layer, adapter) is not None]
+        biased = biased_layers(model, layers, adapter)
         if biased:
             raise ValueError(
                 f"adapter {adapter!r} also shifts the biases of {_first(biased)} (e.g. Kernel-mix's head "
@@ -249,6 +248,12 @@ def _layers_to_export(model: PeftModel, adapter: str, lora_bias: bool) -> dict[s
                 "(a bias on lora_B). Nothing was written."
             )
     return layers
+
+
+def biased_layers(model: PeftModel, layers: dict[str, AdaptedLayer], adapter: str) -> list[str]:
+    """The layers whose update also shifts their bias (Kernel-mix's head biases, on projections with one)."""
+    with distributed.unsharded(model), torch.no_grad():
+        return [name for name, layer in layers.items() if _bias_delta(layer, adapter) is not None]
 
 
 def _conv_refusal(layer: AdaptedLayer) -> str | None:

@@ -30,6 +30,7 @@ from structpeft.core.export import (
     _first,
     _layers_to_export,
     _pick_adapter,
+    biased_layers,
     check_rank_options,
     lora_factors,
     refusal,
@@ -91,19 +92,19 @@ def export_gguf(
         raise ValueError("export_gguf writes adapters of transformers models (llama.cpp names their tensors)")
     config = model.base_model.config.get_text_config()
     arch = architecture or _architecture(config)
-    layers = _layers_to_export(model, adapter, lora_bias=True)  # bias shifts are refused below, by name
+    layers = _layers_to_export(model, adapter, lora_bias=True)  # bias shifts: refused below, without PEFT's hint
     names = _tensor_names(gguf, arch, config.num_hidden_layers, list(layers))
     refused = _refusals(model, adapter, layers, names, tied=getattr(config, "tie_word_embeddings", False))
     if refused:
         raise ValueError(refusal(f"cannot export adapter {adapter!r} as a llama.cpp LoRA", refused))
-
-    factors = lora_factors(model, adapter, layers, rank=rank, energy=energy, dtype=torch.float32)
-    biased = [name for name, f in factors.items() if f.bias is not None]
+    biased = biased_layers(model, layers, adapter)
     if biased:
         raise ValueError(
             f"adapter {adapter!r} also shifts the biases of {_first(biased)} (Kernel-mix's head biases), which a "
             "llama.cpp LoRA cannot carry. Nothing was written."
         )
+
+    factors = lora_factors(model, adapter, layers, rank=rank, energy=energy, dtype=torch.float32)
     alpha = Counter(f.report.rank for f in factors.values()).most_common(1)[0][0]
     rope_heads = {
         "attn_q": config.num_attention_heads,
