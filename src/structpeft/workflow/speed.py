@@ -163,14 +163,20 @@ def mistral(device: torch.device, scale: Scale, batch: int = 4) -> Workload:
     return Workload(base, lambda model: model(input_ids=ids, labels=ids).loss, device, "model.embed_tokens")
 
 
-def smollm2(device: torch.device, scale: Scale) -> Workload:
-    """SmolLM2-135M-Instruct from its GGUF (converted once, cached), on a fixed batch of random token ids:
-    a step's cost does not depend on which tokens they are."""
+def decoder(name: str, device: torch.device, scale: Scale, quantize: str | None = None) -> Workload:
+    """A real decoder preset (``smollm2-135m``, ``gemma3-270m``) from its GGUF (converted once, cached), its
+    linear layers quantized by bitsandbytes if asked, on a fixed batch of random token ids: a step's cost does
+    not depend on which tokens they are."""
     from transformers import AutoModelForCausalLM
 
-    from structpeft.zoo.gguf import SMOLLM2_135M, convert_gguf
+    from structpeft.workflow.models import gguf_file, quantization_config
+    from structpeft.zoo.gguf import convert_gguf
 
-    base = AutoModelForCausalLM.from_pretrained(convert_gguf(SMOLLM2_135M.path()).folder, dtype=torch.float32)
+    folder = convert_gguf(gguf_file(name)).folder
+    extra = (
+        {} if quantize is None else {"quantization_config": quantization_config(quantize), "device_map": str(device)}
+    )
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (scale.llm_batch, scale.llm_tokens), generator=g).to(device)
     return Workload(base, lambda model: model(input_ids=ids, labels=ids).loss, device, "model.embed_tokens")
@@ -374,7 +380,7 @@ def decoder_section(device: torch.device, scale: Scale) -> Iterator[Section]:
 
     title = f"SmolLM2-135M-Instruct, batch {scale.llm_batch} x {scale.llm_tokens} tokens, seven projections"
     try:
-        work = smollm2(device, scale)
+        work = decoder("smollm2-135m", device, scale)
     except (FileNotFoundError, ImportError) as e:  # the model's package (or gguf) is not installed
         yield Section(title, [], [], skipped=str(e))
         return
@@ -413,23 +419,6 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def _quantized_decoder(name: str, device: torch.device, scale: Scale, quantize: str | None) -> Workload:
-    """A real decoder from its GGUF (converted once), its linear layers quantized by bitsandbytes if asked."""
-    from transformers import AutoModelForCausalLM
-
-    from structpeft.workflow.models import gguf_file, quantization_config
-    from structpeft.zoo.gguf import convert_gguf
-
-    folder = convert_gguf(gguf_file(name)).folder
-    extra = (
-        {} if quantize is None else {"quantization_config": quantization_config(quantize), "device_map": str(device)}
-    )
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (scale.llm_batch, scale.llm_tokens), generator=g).to(device)
-    return Workload(base, lambda model: model(input_ids=ids, labels=ids).loss, device, "model.embed_tokens")
-
-
 def quantized_section(device: torch.device, scale: Scale) -> Iterator[Section]:
     """Every weight method on an NF4 base beside HF PEFT LoRA on the same base, and LoRA on the float base.
     The weights' own memory is counted exactly (parameters, buffers, quantization states) in the title."""
@@ -438,8 +427,8 @@ def quantized_section(device: torch.device, scale: Scale) -> Iterator[Section]:
     for name in ("smollm2-135m", "gemma3-270m"):
         title = f"{name}, NF4 base (bitsandbytes, double quantization), batch {scale.llm_batch} x {scale.llm_tokens}"
         try:
-            quantized = _quantized_decoder(name, device, scale, "nf4")
-            floating = _quantized_decoder(name, device, scale, None)
+            quantized = decoder(name, device, scale, "nf4")
+            floating = decoder(name, device, scale)
         except (FileNotFoundError, ImportError) as e:  # the model's packages, gguf or bitsandbytes missing
             yield Section(title, [], [], skipped=str(e))
             continue
