@@ -49,7 +49,7 @@ class LoadedModel:
 @dataclass(frozen=True)
 class Preset:
     kind: str  # the task kind it serves
-    load: Callable[[Task], LoadedModel]
+    load: Callable[[Task], LoadedModel] | None  # None for a GGUF preset: its file is read like any GGUF
     about: str
     gguf: Callable[[], Path] | None = None  # where a GGUF preset's file is
 
@@ -101,15 +101,6 @@ def _dinov2_small(task: Task) -> LoadedModel:
     return LoadedModel(model, "dinov2_small", "vit", ["classifier"], image_size=112)
 
 
-def _gguf_decoder(ref: str, locate: Callable[[], Path]) -> Callable[[Task], LoadedModel]:
-    def build(task: Task) -> LoadedModel:
-        loaded = _gguf_model(locate(), task)
-        loaded.ref = ref
-        return loaded
-
-    return build
-
-
 def _smollm2_path() -> Path:
     from structpeft.zoo.gguf import SMOLLM2_135M
 
@@ -150,15 +141,8 @@ PRESETS: dict[str, Preset] = {
         "image-classification", _torch_convnet("efficientnet_lite0", _efficientnet_lite0, "_fc"), "EfficientNet-Lite0"
     ),
     "dinov2_small": Preset("image-classification", _dinov2_small, "DINOv2-S/14 ViT (22.1M, 6 heads)"),
-    "smollm2-135m": Preset(
-        "causal-lm",
-        _gguf_decoder("smollm2-135m", _smollm2_path),
-        "SmolLM2-135M-Instruct (LLaMA, 30 layers, GGUF)",
-        _smollm2_path,
-    ),
-    "gemma3-270m": Preset(
-        "causal-lm", _gguf_decoder("gemma3-270m", _gemma3_path), "Gemma 3 270M base (18 layers, GGUF)", _gemma3_path
-    ),
+    "smollm2-135m": Preset("causal-lm", None, "SmolLM2-135M-Instruct (LLaMA, 30 layers, GGUF)", _smollm2_path),
+    "gemma3-270m": Preset("causal-lm", None, "Gemma 3 270M base (18 layers, GGUF)", _gemma3_path),
 }
 
 
@@ -222,9 +206,11 @@ def load_model(
         preset = PRESETS[ref]
         if preset.kind != task.kind:
             raise ModelError(f"the preset {ref} is for {preset.kind}, and {task.name} is a {task.kind} task")
-        if quantized is not None and preset.gguf is None:
+        if preset.gguf is not None:
+            return _gguf_model(preset.gguf(), task, quantized, ref)
+        if quantized is not None:
             raise ModelError(f"--quantize takes a transformers model or a GGUF decoder; {ref} is neither")
-        return preset.load(task) if quantized is None else _gguf_model(preset.gguf(), task, quantized, ref)
+        return preset.load(task)
     if Path(ref).expanduser().is_file():
         return _gguf_model(Path(ref).expanduser(), task, quantized)
     return _transformers_model(ref, task, quantized)
