@@ -221,3 +221,17 @@ def assert_same_top5(got: list[dict[int, float]], want: list[dict[int, float]], 
         assert max(g, key=g.get) == max(w, key=w.get)  # the top token
         assert set(g) == set(w)
         assert max(abs(g[i] - w[i]) for i in w) < atol, (g, w)
+
+
+def top5_shift(model, base, prompts: list[list[int]]) -> float:
+    """How far ``model`` moves its top-5 next-token log-probs from ``base``'s, the largest over the prompts (nats):
+    an adapter that moves them well past a test's tolerance means a no-op export cannot pass."""
+    with torch.no_grad():
+        shifts = []
+        for ids in prompts:
+            x = torch.tensor([ids])
+            a = torch.log_softmax(model(x).logits[0, -1].double(), -1)
+            b = torch.log_softmax(base(x).logits[0, -1].double(), -1)
+            top = a.topk(5).indices
+            shifts.append((a[top] - b[top]).abs().max().item())
+    return max(shifts)

@@ -16,6 +16,7 @@ from tests.gguf_files import (
     llamacpp_top5,
     tiny_gemma3_for_gguf,
     tiny_llama_for_gguf,
+    top5_shift,
     torch_top5,
     write_gguf,
 )
@@ -37,25 +38,12 @@ def _adapted(arch: str, configs, amplify: float = 1.0):
     return base, model
 
 
-def _moves(base, model) -> float:
-    """How far the adapter moves the adapted model's top-5 log-probs from the base's (largest, in nats)."""
-    with torch.no_grad():
-        moved = 0.0
-        for ids in PROMPTS:
-            x = torch.tensor([ids])
-            a = torch.log_softmax(model(x).logits[0, -1].double(), -1)
-            b = torch.log_softmax(base(x).logits[0, -1].double(), -1)
-            top = a.topk(5).indices
-            moved = max(moved, (a[top] - b[top]).abs().max().item())
-    return moved
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_a_lora_in_llamacpp_gives_the_adapted_models_logprobs(tmp_path, arch) -> None:
     base, model = _adapted(
         arch, lambda: sp.LoraConfig(r=4, alpha=8, target_modules=PROJECTIONS, init_weights=False), amplify=4.0
     )
-    assert _moves(base, model) > 0.1
+    assert top5_shift(model, base, PROMPTS) > 0.1
     base_file = write_gguf(base, tmp_path / "base.gguf", arch)
     report = model.export_gguf(tmp_path / "adapter.gguf")
     assert report.max_relative_error == 0.0 and {layer.rank for layer in report.layers} == {4}
@@ -84,7 +72,7 @@ OTHER_METHODS = [
 @pytest.mark.parametrize("configs", OTHER_METHODS)
 def test_other_weight_methods_go_through_the_svd_into_llamacpp(tmp_path, configs) -> None:
     base, model = _adapted("llama", configs, amplify=3.0)
-    assert _moves(base, model) > 0.1
+    assert top5_shift(model, base, PROMPTS) > 0.1
     base_file = write_gguf(base, tmp_path / "base.gguf", "llama")
     report = model.export_gguf(tmp_path / "adapter.gguf", energy=1.0)  # every singular value: lossless
     assert report.max_relative_error < 1e-6
@@ -220,7 +208,7 @@ def test_export_gguf_takes_an_hf_peft_lora_and_llamacpp_runs_it(tmp_path, monkey
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=PROJECTIONS, init_lora_weights=False)
     reference = peft.get_peft_model(copy.deepcopy(base), config).eval()
     reference.save_pretrained(tmp_path / "peft-lora")
-    assert _moves(base, reference) > 0.1
+    assert top5_shift(reference, base, PROMPTS) > 0.1
     out = tmp_path / "out" / "adapter.gguf"
     argv = ["export", "--adapter", str(tmp_path / "peft-lora"), "--model", str(base_file), "--format", "gguf"]
     assert main([*argv, "--out", str(out)]) == 0

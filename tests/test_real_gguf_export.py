@@ -19,7 +19,7 @@ import torch
 
 import structpeft as sp
 from structpeft.core import gguf_architecture
-from tests.gguf_files import assert_same_top5, float32_copy, llamacpp_top5, torch_top5
+from tests.gguf_files import assert_same_top5, float32_copy, llamacpp_top5, top5_shift, torch_top5
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("xllamacpp")
@@ -53,19 +53,6 @@ def decoder(request, tmp_path_factory):
     return float_file, load, [tokenizer(text)["input_ids"] for text in TEXTS]
 
 
-def _moved(model, base, prompts) -> float:
-    """The largest shift the adapter gives the adapted model's top-5 log-probs (nats)."""
-    with torch.no_grad():
-        shifts = []
-        for ids in prompts:
-            x = torch.tensor([ids])
-            a = torch.log_softmax(model(x).logits[0, -1].double(), -1)
-            b = torch.log_softmax(base(x).logits[0, -1].double(), -1)
-            top = a.topk(5).indices
-            shifts.append((a[top] - b[top]).abs().max().item())
-    return max(shifts)
-
-
 def _adapted(load, configs, amplify: float):
     base = load()
     torch.manual_seed(0)
@@ -88,7 +75,7 @@ EXACT = [
 def test_lora_and_flora_in_llamacpp_agree_with_the_merged_model(decoder, tmp_path, configs, amplify) -> None:
     path, load, prompts = decoder
     base, model = _adapted(load, configs(), amplify)
-    assert _moved(model, base, prompts) > 5 * TOLERANCE
+    assert top5_shift(model, base, prompts) > 5 * TOLERANCE
     report = model.export_gguf(tmp_path / "adapter.gguf", architecture=gguf_architecture(path))
     assert report.max_relative_error == 0.0
     merged = model.merge_and_unload()
@@ -126,7 +113,7 @@ def test_the_svd_exports_in_llamacpp_agree_with_the_same_factors_in_transformers
     peft_report = model.export_lora(tmp_path / "lora", **options)
     assert [layer.rank for layer in gguf_report.layers] == [layer.rank for layer in peft_report.layers]
     written = peft.PeftModel.from_pretrained(load(), tmp_path / "lora").eval()
-    assert _moved(written, base, prompts) > 5 * TOLERANCE
+    assert top5_shift(written, base, prompts) > 5 * TOLERANCE
     merged = written.merge_and_unload()
     got = llamacpp_top5(path, tmp_path / "adapter.gguf", prompts, banned=[])
     assert_same_top5(got, torch_top5(merged, prompts), TOLERANCE)
