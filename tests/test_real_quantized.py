@@ -85,7 +85,7 @@ def test_each_weight_method_trains_saves_and_merges_on_a_quantized_smollm2(smoll
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loss = model(input_ids=IDS, labels=IDS).loss
-        # Near the base's loss: Kernel-mix on raw int8 keys started at 21.6 where the base is near 11
+        # Near the base's loss: the adapters start small (Kernel-mix at zero), on a frozen base that must not drift
         assert torch.isfinite(loss) and loss.item() < base_loss + 3.0, (loss.item(), base_loss)
         loss.backward()
         optimizer.step()
