@@ -115,6 +115,13 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
         help="causal LM: render prompt/completion rows with the tokenizer's chat template (auto: when it has one); "
         "chat rows ('messages') always use it",
     )
+    p.add_argument(
+        "--rouge-sample",
+        type=int,
+        default=0,
+        metavar="N",
+        help="causal LM, prompt/completion rows: also score ROUGE-L of greedy completions of the first N test prompts",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -159,7 +166,7 @@ def make_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     ge.add_argument("--device", default=None)
     be = sub.add_parser("bench", help="head-to-head suites: every method and the references, lr chosen on validation")
-    be.add_argument("--suite", choices=("text", "conv", "vit", "speed", "all"), default="all")
+    be.add_argument("--suite", choices=("text", "conv", "vit", "llm", "speed", "all"), default="all")
     be.add_argument("--seeds", type=int, default=3, help="final runs per method (at the chosen lr)")
     be.add_argument("--quick", action="store_true", help="tiny subsets, one seed, one lr: checks the machinery")
     be.add_argument(

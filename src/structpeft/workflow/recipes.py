@@ -2,7 +2,8 @@
 
 The methods and their defaults come from structpeft's method cards (``structpeft.core.cards``: each method
 declares its own in its folder), joined by ``+`` to compose them in one adapter (``coeff+lora``), plus two
-baselines that are not adapters: ``probe`` (the new head only) and ``full`` (every weight), and HF PEFT's own
+baselines that are not adapters: ``probe`` (the new head only), ``full`` (every weight) and, for decoders,
+``zero-shot`` (nothing: the base model scored as it is), and HF PEFT's own
 methods as references (``hf-lora``, ``hf-loha``, ``hf-c3a``: the ``peft`` package, imported when used),
 trained by the same loop on the same batches; they do not compose. A card may define shorthand names
 (``surm-<structure>[-adapter]``). This module names no structpeft method.
@@ -24,7 +25,7 @@ from torch import nn
 import structpeft as sp
 from structpeft.core import FAMILIES, MethodCard, method_cards
 
-BASELINES = ("probe", "full")
+BASELINES = ("probe", "full", "zero-shot")
 NOT_SETTABLE = {"extra", "modules_to_save"}  # modules_to_save is the head the model gives
 # HF PEFT's methods, by their config class in the peft package.
 HF_METHODS = {"hf-lora": "LoraConfig", "hf-loha": "LoHaConfig", "hf-c3a": "C3AConfig"}
@@ -77,7 +78,15 @@ _NOT_CARDED: dict[str, dict[str, dict[str, Any]]] = {
         "hf-lora": {"r": 8, "lora_alpha": 16, "lr": 1e-3, "target_modules": "conv-dense"},
         "hf-loha": {"r": 8, "alpha": 16, "lr": 1e-3, "target_modules": "conv"},
     },
-    "decoder": {"probe": {"lr": 1e-3}, "full": {"lr": 2e-5}},
+    # a decoder has no new head: HF PEFT's references take our LoRA's lr (C3A at the text-encoder's 10x of it)
+    "decoder": {
+        "probe": {"lr": 1e-3},
+        "full": {"lr": 2e-5},
+        "zero-shot": {"lr": 0.0},  # nothing trains: the base model scored as it is
+        "hf-lora": {**_HF_LINEAR["hf-lora"], "lr": 2e-4},
+        "hf-loha": {**_HF_LINEAR["hf-loha"], "lr": 2e-4},
+        "hf-c3a": {**_HF_LINEAR["hf-c3a"], "lr": 2e-3},
+    },
 }
 
 
@@ -102,6 +111,11 @@ class Recipe:
     @property
     def baseline(self) -> str | None:
         return self.parts[0] if self.parts[0] in BASELINES else None
+
+    @property
+    def trains(self) -> bool:
+        """False for ``zero-shot``: the model is scored as it is."""
+        return self.baseline != "zero-shot"
 
     def adapt(self, model: nn.Module, head: list[str]) -> nn.Module:
         """``model`` ready to train: a PeftModel, or for a baseline the model with the right weights trainable."""
@@ -211,8 +225,9 @@ def check_method(method: str, settings: dict[str, str]) -> None:
 
 
 def _targets(spec: Any, model: nn.Module, head: list[str], family: str, name: str) -> Any:
-    if spec == "linear":
-        return "all-linear" if not head else _typed_modules(model, head, (nn.Linear,), "linear", name)
+    if spec == "linear":  # named one by one where a head must be left out, and for HF PEFT (C3A sizes its blocks)
+        named = head or name in HF_METHODS
+        return _typed_modules(model, head, (nn.Linear,), "linear", name) if named else "all-linear"
     if spec in ("conv", "conv-dense"):
         names = _typed_modules(model, head, (nn.Conv1d, nn.Conv2d, nn.Conv3d), "convolution", name)
         return [n for n in names if spec == "conv" or model.get_submodule(n).groups == 1]

@@ -71,10 +71,12 @@ def load_results(sources: list[Path]) -> list[dict[str, Any]]:
 
 
 def headline(row: dict[str, Any]) -> tuple[str, float | None]:
-    """The metric a row is ranked by: test accuracy (%), else test perplexity."""
+    """The metric a row is ranked by: test accuracy (%), else ROUGE-L (x100), else test perplexity."""
     test = row.get("test") or {}
     if "accuracy" in test:
         return "accuracy %", 100 * test["accuracy"]
+    if "rougeL" in test:
+        return "ROUGE-L", 100 * test["rougeL"]
     if "perplexity" in test:
         return "perplexity", test["perplexity"]
     return "-", None

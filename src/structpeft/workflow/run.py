@@ -88,6 +88,8 @@ class RunSpec:
     resume: bool = False
     score_test: bool = True  # False: the test split is left for later (the bench's lr-search runs)
     chat_template: str = "auto"  # causal LM: auto (when the tokenizer has one), on, off
+    rouge_sample: int = 0  # causal LM: ROUGE-L of greedy completions of this many test prompts
+    score_base: bool = True  # causal LM: score the base model on validation before the first step
 
 
 def check_spec(spec: RunSpec) -> None:
@@ -115,6 +117,8 @@ def check_spec(spec: RunSpec) -> None:
             continue
         if not math.isfinite(value) or (low is not None and value <= low) or value < 0:
             raise UsageError(f"--{name} must be a finite number{' > 0' if low is not None else ' >= 0'}, got {value}")
+    if spec.rouge_sample < 0:
+        raise UsageError(f"--rouge-sample must be a number of test examples >= 0, got {spec.rouge_sample}")
     if spec.save_every is not None and spec.save_every < 1:
         raise UsageError(f"--save-every must be a positive number of steps, got {spec.save_every}")
     if spec.resume and (spec.out is None or not (Path(spec.out) / CHECKPOINT_DIR).is_dir()):
@@ -308,25 +312,33 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     log = RunLog()
     peak_reset = reset_peak_memory(device)  # the peak of this run, not of the process
     try:
-        if task.kind == "causal-lm" and "base_val" not in row:
+        if task.kind == "causal-lm" and "base_val" not in row and spec.score_base:
             row["base_val"] = _base_validation(model, loaded, task, settings, processes)
             if processes.is_main:
                 results.write_json(out / results.RUN_FILE, row)
-        fit(
-            model,
-            loaded,
-            task,
-            settings,
-            log,
-            on_best=lambda epoch: save_trained(model, out),
-            checkpoint=out / CHECKPOINT_DIR,
-            save_every=spec.save_every,
-            resume=spec.resume,
-            processes=processes,
-        )
+        show = processes.is_main and bar_mode(settings.progress) == "bar"
+        if recipe.trains:
+            fit(
+                model,
+                loaded,
+                task,
+                settings,
+                log,
+                on_best=lambda epoch: save_trained(model, out),
+                checkpoint=out / CHECKPOINT_DIR,
+                save_every=spec.save_every,
+                resume=spec.resume,
+                processes=processes,
+            )
+        else:  # zero-shot: the model as it is, scored like a trained one
+            log.best_val = row.get("base_val") or evaluate(model, loaded, task, "val", settings, processes=processes)
+            if processes.is_main:
+                save_trained(model, out)
         if spec.score_test:
-            show = processes.is_main and bar_mode(settings.progress) == "bar"
-            row["test"] = evaluate(model, loaded, task, "test", settings, progress=show, processes=processes)
+            generations = spec.rouge_sample if task.kind == "causal-lm" else 0
+            row["test"] = evaluate(
+                model, loaded, task, "test", settings, progress=show, processes=processes, generations=generations
+            )
         row["status"] = "finished"
     except BaseException as e:
         row.update(
@@ -348,9 +360,9 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     scored = f"test {metric} {value:.2f}" if value is not None else "test not scored"
     if "base_val" in row and log.best_val:
         scored = f"val loss {row['base_val']['loss']:.4f} before training -> {log.best_val['loss']:.4f} | {scored}"
+    which = f"epoch {log.best_epoch}, best on validation" if recipe.trains else "untrained"
     print(
-        f"{scored} (epoch {log.best_epoch}, best on validation) | trainable {trainable:,} | "
-        f"train {log.train_seconds:.0f}s | {out}",
+        f"{scored} ({which}) | trainable {trainable:,} | train {log.train_seconds:.0f}s | {out}",
         flush=True,
     )
     return row
@@ -435,7 +447,10 @@ def evaluate_run(run_dir: Path, task_ref: str | None = None, split: str = "test"
     model = restore(run_dir, spec, task, loaded)
     settings = _settings(spec, recipes.Recipe(spec.method, [spec.method]))
     settings.chat = uses_chat_template(spec.chat_template, loaded, task)
-    scores = evaluate(model, loaded, task, split, settings, progress=bar_mode(spec.progress) == "bar")
+    generations = spec.rouge_sample if task.kind == "causal-lm" else 0
+    scores = evaluate(
+        model, loaded, task, split, settings, progress=bar_mode(spec.progress) == "bar", generations=generations
+    )
     print(
         f"{task.name} {split} ({len(task.split(split))} examples): "
         + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())

@@ -33,6 +33,7 @@ from structpeft.workflow.checkpointing import (
 )
 from structpeft.workflow.distributed import ONE_PROCESS, GlobalBatches, Processes, global_count
 from structpeft.workflow.models import LoadedModel
+from structpeft.workflow.scoring import choice_scores, generation_scores
 from structpeft.workflow.tasks import IGNORE_INDEX, Task, collate_causal_lm, collate_images
 
 
@@ -416,12 +417,43 @@ def evaluate(
     settings: TrainSettings,
     progress: bool = False,
     processes: Processes = ONE_PROCESS,
+    generations: int = 0,
 ) -> dict[str, float]:
-    """Accuracy and loss for classification; loss and perplexity (per target token) for causal LM.
-    (Every process scores the whole split, so all agree on the best epoch.)"""
+    """Accuracy and loss for classification; loss and perplexity (per target token) for causal LM, with
+    accuracy when the task names its answers (the likeliest answer is the prediction) and ROUGE-L of greedy
+    completions of the split's first ``generations`` prompts. (Every process scores the whole split, so all
+    agree on the best epoch.)"""
     device = resolve_device(settings.device, processes)
     model.to(device).eval()
     examples: Sequence[dict] = task.split(split)
+    if task.kind == "causal-lm" and task.label_names:
+        scores = _choices(model, loaded, task, examples, settings, device)
+    else:
+        scores = _scored_batches(model, loaded, task, examples, settings, device, progress, split)
+    if generations:
+        with _autocast(device, settings.bf16):
+            scores |= generation_scores(
+                model,
+                loaded.tokenizer,
+                examples[:generations],
+                settings.chat,
+                settings.max_length,
+                settings.eval_batch_size,
+                device,
+            )
+    return scores
+
+
+def _scored_batches(
+    model: nn.Module,
+    loaded: LoadedModel,
+    task: Task,
+    examples: Sequence[dict],
+    settings: TrainSettings,
+    device: torch.device,
+    progress: bool,
+    split: str,
+) -> dict[str, float]:
     loader = DataLoader(
         examples, settings.eval_batch_size, collate_fn=collate_fn(task, loaded, settings), generator=_worker_seeds()
     )
@@ -438,6 +470,22 @@ def evaluate(
     if task.kind == "causal-lm":
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     return {"accuracy": correct / max(len(examples), 1), "loss": loss}
+
+
+def _choices(
+    model: nn.Module, loaded: LoadedModel, task: Task, examples: Sequence[dict], settings: TrainSettings, device
+) -> dict[str, float]:
+    with _autocast(device, settings.bf16):
+        return choice_scores(
+            model,
+            task,
+            examples,
+            loaded.tokenizer,
+            settings.max_length,
+            settings.chat,
+            settings.eval_batch_size,
+            device,
+        )
 
 
 _CLEAR_REFS, _STATUS = Path("/proc/self/clear_refs"), Path("/proc/self/status")

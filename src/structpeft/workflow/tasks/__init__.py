@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from structpeft.workflow.tasks.base import CLASSIFICATION, Task, TaskError, TaskKind, carve, make_task, subsample
-from structpeft.workflow.tasks.causal_lm import IGNORE_INDEX, causal_lm, check_rows, collate_causal_lm, prompt_ids
+from structpeft.workflow.tasks.causal_lm import (
+    IGNORE_INDEX,
+    causal_lm,
+    check_rows,
+    collate_causal_lm,
+    example_tokens,
+    prompt_ids,
+)
 from structpeft.workflow.tasks.images import collate_images, fashion_mnist, image_folder, is_image_folder, mnist_5k
 from structpeft.workflow.tasks.tables import (
     LABEL_COLUMNS,
@@ -15,12 +22,14 @@ from structpeft.workflow.tasks.tables import (
     pick_column,
     read_table,
     rotten_tomatoes,
+    rotten_tomatoes_generation,
     text_classification,
     wordnet_definitions,
 )
 
 PRESETS = {
     "rotten-tomatoes": rotten_tomatoes,
+    "rotten-tomatoes-generation": rotten_tomatoes_generation,
     "fashion-mnist": fashion_mnist,
     "mnist-5k": mnist_5k,
     "wordnet-definitions": wordnet_definitions,
@@ -40,6 +49,7 @@ __all__ = [
     "check_task_ref",
     "collate_causal_lm",
     "collate_images",
+    "example_tokens",
     "load_task",
     "make_task",
     "prompt_ids",

@@ -25,7 +25,10 @@ class TaskError(ValueError):
 @dataclass
 class Task:
     """Examples are plain dicts: ``{"text", "label"}``, ``{"image", "label"}`` (image a uint8
-    (C, H, W) tensor or a file path), or ``{"prompt", "completion"}`` / ``{"text"}`` for causal LM."""
+    (C, H, W) tensor or a file path), or ``{"prompt", "completion"}`` / ``{"text"}`` for causal LM.
+
+    A causal-LM task with ``label_names`` is a choice between answers: each example's completion is
+    ``label_names[label]``, and evaluation scores which answer the model finds likeliest."""
 
     name: str
     kind: TaskKind
@@ -103,7 +106,7 @@ def make_task(
     train, val = carve(train, val_size, seed)
     train = subsample(train, train_size, seed)
     test = subsample(test, test_size, TEST_SEED)
-    if kind in CLASSIFICATION:
+    if kind in CLASSIFICATION or label_names is not None:  # a causal-LM task may name its answers
         _check_labels(name, label_names, (train, val, test))
     info = {**(source or {}), "train": len(train), "val": len(val), "test": len(test)}
     return Task(name, kind, train, val, test, label_names, info)

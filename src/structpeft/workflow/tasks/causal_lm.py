@@ -137,6 +137,27 @@ def check_rows(examples: list[dict[str, Any]], tokenizer: Any, max_length: int, 
     )
 
 
+def example_tokens(example: dict[str, Any], tokenizer: Any, chat: bool = False) -> tuple[list[int], list[int]]:
+    """One row's token ids and labels (the ids where they are learnt, IGNORE_INDEX elsewhere), uncut.
+    ``chat``: a prompt/completion row goes through the chat template (chat rows always do)."""
+    if "messages" in example:
+        return chat_tokens(tokenizer, example["messages"])
+    if "completion" in example and chat:
+        turns = [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["completion"]},
+        ]
+        return chat_tokens(tokenizer, turns)
+    if "completion" in example:
+        prompt = tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
+        completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion = completion + [tokenizer.eos_token_id]  # so generation learns to stop
+        return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+    ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"]
+    return ids, list(ids)
+
+
 def collate_causal_lm(
     examples: list[dict[str, Any]], tokenizer: Any, max_length: int, chat: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -145,23 +166,7 @@ def collate_causal_lm(
     the chat template (chat rows always do)."""
     rows = []
     for example in examples:
-        if "messages" in example:
-            ids, labels = chat_tokens(tokenizer, example["messages"])
-        elif "completion" in example and chat:
-            turns = [
-                {"role": "user", "content": example["prompt"]},
-                {"role": "assistant", "content": example["completion"]},
-            ]
-            ids, labels = chat_tokens(tokenizer, turns)
-        elif "completion" in example:
-            prompt = tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
-            completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
-            if tokenizer.eos_token_id is not None:
-                completion = completion + [tokenizer.eos_token_id]  # so generation learns to stop
-            ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
-        else:
-            ids = tokenizer(example["text"], add_special_tokens=True)["input_ids"]
-            labels = list(ids)
+        ids, labels = example_tokens(example, tokenizer, chat)
         rows.append((ids[:max_length], labels[:max_length]))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

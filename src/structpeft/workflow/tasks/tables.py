@@ -127,6 +127,36 @@ def rotten_tomatoes(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
     )
 
 
+SENTIMENT_WORDS = ("negative", "positive")  # the answers, by Rotten Tomatoes' label (rotten, fresh)
+
+
+def sentiment_prompt(review: str) -> str:
+    return f"Is this movie review positive or negative? Answer with one word.\n\n{review}"
+
+
+def rotten_tomatoes_generation(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
+    """Rotten Tomatoes as a causal-LM task: each review a prompt whose completion is one word, ``negative`` or
+    ``positive``. Its ``label_names`` are those words, so a causal-LM evaluation scores accuracy by which
+    answer the model finds likelier (the same splits as ``rotten-tomatoes``)."""
+    from structpeft.zoo.rotten_tomatoes import load_rotten_tomatoes
+
+    train, test = load_rotten_tomatoes()
+    as_dicts = lambda split: [  # noqa: E731
+        {"prompt": sentiment_prompt(e.text), "completion": SENTIMENT_WORDS[e.label], "label": e.label} for e in split
+    ]
+    return make_task(
+        "rotten-tomatoes-generation",
+        "causal-lm",
+        as_dicts(train),
+        as_dicts(test),
+        val_size=val_size,
+        seed=seed,
+        label_names=list(SENTIMENT_WORDS),
+        source={"preset": "rotten-tomatoes-generation", "fields": ["prompt", "completion"]},
+        **sizes,
+    )
+
+
 def wordnet_definitions(*, val_size: float | int, seed: int, **sizes: Any) -> Task:
     """WordNet glosses as prompt/completion rows (a word's definition), each text once, split by gloss."""
     from structpeft.zoo.wordnet import definition_prompt, is_test_gloss, load_glosses
