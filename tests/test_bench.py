@@ -101,7 +101,7 @@ def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_
     runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=fake, score_test=score_test)
     row = bench.run_entry(runner, tiny, tiny.settings[0], entry)
     assert row["lr"] == pytest.approx(0.00333)
-    assert [r["test_accuracy"] for r in row["runs"]] == [pytest.approx(0.00333)] * 2
+    assert [r["test"]["accuracy"] for r in row["runs"]] == [pytest.approx(0.00333)] * 2
     assert [r["seed"] for r in row["runs"]] == [0, 1]
     assert runner.trained == 4  # three lrs on seed 0, then seed 1 at the chosen one (seed 0 is the search run)
 
@@ -114,7 +114,7 @@ def test_a_rerun_trains_nothing_and_gives_the_same_leaderboard(tiny, tmp_path) -
     assert [r["settings"] for r in rows] == [{}, {"r": "1"}, {"r": "4"}]
     assert len(first.specs) == 3 * (3 + 1)  # per entry: the lr grid on seed 0, then seed 1
     assert all(r["seeds"] == 2 and len(r["lr_grid"]) == 3 for r in rows)
-    for name in ("results.json", "leaderboard.md", "tiny-accuracy-vs-params.png", "tiny-accuracy-vs-step-time.png"):
+    for name in ("results.json", "leaderboard.md", "tiny-score-vs-params.png", "tiny-score-vs-step-time.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     board = (tmp_path / "leaderboard.md").read_text()
     assert "| lora@r4 | r=4 |" in board and "±" in board
@@ -178,7 +178,7 @@ def test_test_is_scored_only_on_kept_runs_and_a_kept_search_run_scores_as_it_wou
     )
     assert again["val"] == metrics[chosen]["val"]
     assert again["test"] == metrics[chosen]["test"]
-    assert row["runs"][0]["test_accuracy"] == again["test"]["accuracy"]
+    assert row["runs"][0]["test"]["accuracy"] == again["test"]["accuracy"]
     assert len((tmp_path / bench.STORE_FILE).read_text().splitlines()) == 5  # 4 runs, the chosen one twice
     stored = results.load_results([tmp_path / bench.STORE_FILE])
     assert len(stored) == 4 and [r["test"] for r in stored if r["out"] == str(chosen)] == [again["test"]]
@@ -215,6 +215,7 @@ def test_quick_from_the_cli_and_a_suite_without_its_assets_is_skipped(tiny, tmp_
     )
     monkeypatch.setitem(bench.SUITES, "conv", missing)
     monkeypatch.delitem(bench.SUITES, "vit")
+    monkeypatch.delitem(bench.SUITES, "llm")
     real_load = run.load_for_sizing
 
     def no_mobilenet(model: str, task: str):
@@ -249,7 +250,7 @@ def test_quick_text_suite_on_the_presets(tmp_path) -> None:
     rows = json.loads((tmp_path / "results.json").read_text())["suites"]["text"]["settings"]["minilm-quick"]["rows"]
     suite = bench.SUITES["text"]
     assert len(rows) == len(suite.references) + len(suite.fixed) + 2 * len(suite.sized)
-    assert all(0 <= r["accuracy_mean"] <= 100 and r["trainable_params"] > 0 for r in rows)
+    assert all(0 <= r["score_mean"] <= 100 and r["trainable_params"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("method", ["hf-lora", "hf-loha", "hf-c3a"])

@@ -33,8 +33,16 @@ from structpeft.workflow.distributed import launched_processes
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around a method's default learning rate
 QUICK_FIELDS = {"train_size": 64, "test_size": 64, "val_size": 16, "epochs": 1, "batch_size": 16, "max_length": 32}
-# Spec fields that do not change what a run computes (where it writes, how it shows progress).
-NOT_IN_KEY = {"out", "results", "progress", "device", "resume", "save_every", "score_test"}
+QUICK_GENERATIONS = 8  # --quick's ROUGE-L sample
+# Spec fields that do not change what a run computes (where it writes, how it shows progress, extra scores).
+NOT_IN_KEY = {"out", "results", "progress", "device", "resume", "save_every", "score_test", "score_base"}
+# Test metrics a leaderboard shows: (heading, scale, decimals); all but the losses are higher-is-better.
+METRICS = {
+    "accuracy": ("accuracy %", 100, 2),
+    "rougeL": ("ROUGE-L", 100, 2),
+    "loss": ("test loss", 1, 4),
+}
+LOWER_IS_BETTER = {"loss", "perplexity"}
 PLAN_FILE, STORE_FILE, RESULTS_FILE, LEADERBOARD_FILE = "plan.json", "results.jsonl", "results.json", "leaderboard.md"
 
 
@@ -57,6 +65,9 @@ class Setting:
     max_length: int = 64
     image_size: int | None = None
     quick_image_size: int | None = None  # --quick's (small, and a multiple of a ViT's patch)
+    quick_max_length: int | None = None  # --quick's, where QUICK_FIELDS' would cut every answer
+    metrics: tuple[str, ...] = ("accuracy",)  # test metrics shown; the first ranks the leaderboard
+    rouge_sample: int = 0  # causal LM: ROUGE-L of greedy completions of this many test prompts
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,27 @@ def _main_settings_first(*per_model: tuple[Setting, ...]) -> tuple[Setting, ...]
     return tuple(setting for same_kind in zip(*per_model, strict=True) for setting in same_kind)
 
 
+def _decoder(model: str) -> tuple[Setting, ...]:
+    """Two generation tasks on a decoder: definitions (ranked by ROUGE-L of greedy completions, with the
+    loss per answer token) and sentiment answered in one word (accuracy: the likelier label word).
+
+    Sized toward the budget: 15 entries that train, 5 runs each, on 2 tasks is 150 runs, and one step of
+    every entry on 8 rows takes about 45 s on 2 CPU cores (SmolLM2; HF C3A, SURM-LDR and HF LoHa take
+    2-3x LoRA's). Each run takes 16 (definitions) and 12 (sentiment) steps of 8 rows; validation is 48
+    rows, test 200 (ROUGE-L on 64 of them)."""
+    common = {"model": model, "epochs": 1, "batch_size": 8, "val_size": 48, "test_size": 200}
+    return (
+        Setting(
+            f"{model}/definitions", task="wordnet-definitions", train_size=128, max_length=96, quick_max_length=96,
+            metrics=("rougeL", "loss"), rouge_sample=64, **common,
+        ),
+        Setting(
+            f"{model}/sentiment", task="rotten-tomatoes-generation", train_size=96, max_length=128,
+            quick_max_length=128, metrics=("accuracy", "loss"), **common,
+        ),
+    )  # fmt: skip
+
+
 SUITES: dict[str, Suite] = {
     "text": Suite(
         "text", "MiniLM on Rotten Tomatoes",
@@ -143,6 +175,11 @@ SUITES: dict[str, Suite] = {
         "vit", "DINOv2-S on Fashion-MNIST (Coeff-Tuning's home)",
         _vision("dinov2_small", 56, 28, main_size=1200),
         *_ours("vit"), _REFERENCES, _TRANSFORMER_BUDGETS,
+    ),
+    "llm": Suite(
+        "llm", "SmolLM2-135M-Instruct generating definitions and one-word sentiment (Kernel-mix's home: generation)",
+        _decoder("smollm2-135m"),
+        *_ours("decoder"), ("zero-shot", "hf-lora", "hf-loha", "hf-c3a"), _TRANSFORMER_BUDGETS,
     ),
 }  # fmt: skip
 
@@ -167,21 +204,36 @@ class Options:
 
 
 def settings_of(suite: Suite, quick: bool) -> list[Setting]:
-    """The suite's settings; ``--quick``: one per model, on tiny subsets."""
+    """The suite's settings; ``--quick``: one per model and task, on tiny subsets."""
     if not quick:
         return list(suite.settings)
-    first = {s.model: s for s in reversed(suite.settings)}
-    return [quick_setting(first[m]) for m in dict.fromkeys(s.model for s in suite.settings)]
+    first = {(s.model, s.task): s for s in reversed(suite.settings)}
+    tasks_per_model = {m: sum(key[0] == m for key in first) for m in dict.fromkeys(s.model for s in suite.settings)}
+    return [
+        quick_setting(first[key], named_by_task=tasks_per_model[key[0]] > 1)
+        for key in dict.fromkeys((s.model, s.task) for s in suite.settings)
+    ]
 
 
-def quick_setting(setting: Setting) -> Setting:
+def quick_setting(setting: Setting, named_by_task: bool = False) -> Setting:
+    name = Path(setting.model).name + (f"-{Path(setting.task).name}" if named_by_task else "")
     return replace(
-        setting, name=f"{Path(setting.model).name}-quick", **QUICK_FIELDS, image_size=setting.quick_image_size
+        setting,
+        name=f"{name}-quick",
+        **{**QUICK_FIELDS, "max_length": setting.quick_max_length or QUICK_FIELDS["max_length"]},
+        image_size=setting.quick_image_size,
+        rouge_sample=min(setting.rouge_sample, QUICK_GENERATIONS),
     )
 
 
 def lr_grid(default: float, quick: bool) -> list[float]:
     return [default] if quick else [float(f"{default * f:.3g}") for f in LR_FACTORS]
+
+
+def headline(setting: Setting | dict[str, Any]) -> str:
+    """The test metric that ranks a setting's leaderboard."""
+    metrics = setting.metrics if isinstance(setting, Setting) else setting.get("metrics", ["accuracy"])
+    return metrics[0]
 
 
 def choose_lr(val_by_lr: dict[float, dict[str, float]]) -> float:
@@ -245,7 +297,7 @@ def plan_setting(suite: Suite, setting: Setting, plan: dict[str, Any]) -> list[d
 def _describe(loaded: Any, entry: Entry) -> dict[str, Any]:
     recipe = recipes.build_recipe(entry.method, loaded.family, entry.settings, loaded.model, loaded.head)
     size = None if recipe.baseline else run.adapter_size(loaded, entry.method, entry.settings)
-    return {"adapter_params": size, "default_lr": recipe.lr}
+    return {"adapter_params": size, "default_lr": recipe.lr, "trains": recipe.trains}
 
 
 def _attempt(work: Callable[[], Any]) -> tuple[Any, str | None]:
@@ -274,7 +326,7 @@ def run_spec(
         method=entry["method"],
         settings=dict(entry["settings"]),
         epochs=setting.epochs,
-        lr=lr,
+        lr=lr or None,  # zero-shot's is 0: nothing trains
         batch_size=setting.batch_size,
         max_length=setting.max_length,
         image_size=setting.image_size,
@@ -287,6 +339,8 @@ def run_spec(
         results=str(options.out / STORE_FILE),
         progress="none",
         score_test=score_test,
+        score_base=False,  # the zero-shot entry scores the base model, once
+        rouge_sample=setting.rouge_sample,
     )
 
 
@@ -358,33 +412,41 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
     if "error" in entry:
         return entry
 
+    trains = entry.get("trains", True)
+
     def search_and_finals() -> tuple[dict, float, list[dict[str, Any]]]:
-        grid = lr_grid(entry["default_lr"], options.quick)
+        # what trains nothing has no lr to search and scores the same with any seed
+        grid = lr_grid(entry["default_lr"], options.quick or not trains)
         # test is scored only on the runs kept: the chosen lr's search run is scored once chosen
         val_by_lr = {lr: one(lr, 0, final=len(grid) == 1).get("val") or {} for lr in grid}
         chosen = choose_lr(val_by_lr) if len(grid) > 1 else grid[0]
-        return val_by_lr, chosen, [one(chosen, seed) for seed in range(options.seeds)]
+        return val_by_lr, chosen, [one(chosen, seed) for seed in range(options.seeds if trains else 1)]
 
     done, error = _attempt(search_and_finals)
     if error is not None:
         print(f"  {entry['label']} failed: {error}", file=sys.stderr, flush=True)
         return {**entry, "error": error}
     val_by_lr, chosen, finals = done
-    accuracy = [100 * r["test"]["accuracy"] for r in finals]
+    scores = {}
+    for metric in setting.metrics:
+        values = [METRICS[metric][1] * r["test"][metric] for r in finals]
+        scores[metric] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     memory = [r.get("peak_cuda_mib") or r.get("peak_rss_mib") for r in finals]
     return {
         **entry,
-        "lr_grid": {f"{lr:g}": val.get("accuracy") for lr, val in val_by_lr.items()},
+        "lr_grid": {f"{lr:g}": val.get("accuracy", val.get("loss")) for lr, val in val_by_lr.items()},
         "lr": chosen,
         "trainable_params": finals[0]["trainable_params"],
-        "accuracy_mean": statistics.mean(accuracy),
-        "accuracy_std": statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0,
+        "metric": headline(setting),
+        "score_mean": scores[headline(setting)]["mean"],
+        "score_std": scores[headline(setting)]["std"],
+        "scores": scores,
         "seeds": len(finals),
         "step_time_ms": statistics.mean(r.get("step_time_ms") or 0.0 for r in finals),
         "peak_mib": max(m for m in memory if m is not None) if any(memory) else None,
         "memory_kind": _memory_kind(finals[0]),
         "device": finals[0].get("device"),
-        "runs": [{"seed": r["seed"], "test_accuracy": r["test"]["accuracy"], "out": r["out"]} for r in finals],
+        "runs": [{"seed": r["seed"], "test": r["test"], "out": r["out"]} for r in finals],
     }
 
 
@@ -462,8 +524,8 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
     (out / LEADERBOARD_FILE).write_text(leaderboard(report), encoding="utf-8")
     for name, suite in report["suites"].items():
         if suite["settings"]:
-            plot_suite(name, suite, "trainable_params", "trainable parameters", out / f"{name}-accuracy-vs-params.png")
-            plot_suite(name, suite, "step_time_ms", "step time (ms, median)", out / f"{name}-accuracy-vs-step-time.png")
+            plot_suite(name, suite, "trainable_params", "trainable parameters", out / f"{name}-score-vs-params.png")
+            plot_suite(name, suite, "step_time_ms", "step time (ms, median)", out / f"{name}-score-vs-step-time.png")
 
 
 def leaderboard(report: dict[str, Any]) -> str:
@@ -476,30 +538,37 @@ def leaderboard(report: dict[str, Any]) -> str:
         if report["quick"]
         else f"the learning rate chosen on validation (grid: the default × {grid}, seed 0)."
     )
-    lines += [f"Test accuracy, mean ± std over {report['seeds']} seed(s), at {protocol}", ""]
+    lines += [f"Test scores, mean ± std over {report['seeds']} seed(s), at {protocol}", ""]
     for name, reason in report["skipped"].items():
         lines += [f"Suite {name} skipped: {reason}", ""]
     for name, suite in report["suites"].items():
         lines += [f"## {name}: {suite['about']}", ""]
         for setting_name, block in suite["settings"].items():
             s = block["setting"]
+            metrics = s.get("metrics", ["accuracy"])
             failed = [r for r in block["rows"] if "error" in r]
-            rows = sorted((r for r in block["rows"] if "error" not in r), key=lambda r: -r["accuracy_mean"])
+            rows = sorted((r for r in block["rows"] if "error" not in r), key=lambda r: _rank(r, metrics[0]))
             memory = rows[0]["memory_kind"] if rows else ""
+            generated = f", ROUGE-L on {s['rouge_sample']} greedy completions" if s.get("rouge_sample") else ""
             lines += [
-                f"### {setting_name} (train {s['train_size'] or 'all'}, test {s['test_size'] or 'all'}, "
+                f"### {setting_name} (train {s['train_size'] or 'all'}, test {s['test_size'] or 'all'}{generated}, "
                 f"{s['epochs']} epoch(s), device {rows[0]['device'] if rows else '-'})",
                 "",
-                f"| method | settings | adapter params | trainable | lr | accuracy % | step ms | peak MiB ({memory}) |",
-                "|---|---|---:|---:|---:|---:|---:|---:|",
+                "| method | settings | adapter params | trainable | lr | "
+                + " | ".join(METRICS[m][0] for m in metrics)
+                + f" | step ms | peak MiB ({memory}) |",
+                "|---|---|---:|---:|---:|" + "---:|" * len(metrics) + "---:|---:|",
             ]
             for r in rows:
                 shown = " ".join(f"{k}={v}" for k, v in r["settings"].items()) or "-"
                 peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] else "-"
                 adapter = "-" if r["adapter_params"] is None else f"{r['adapter_params']:,}"
+                lr = f"{r['lr']:g}" if r["lr"] else "-"
+                step = f"{r['step_time_ms']:.0f}" if r["step_time_ms"] else "-"
                 lines.append(
-                    f"| {r['label']} | {shown} | {adapter} | {r['trainable_params']:,} | {r['lr']:g} | "
-                    f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['step_time_ms']:.0f} | {peak} |"
+                    f"| {r['label']} | {shown} | {adapter} | {r['trainable_params']:,} | {lr} | "
+                    + " | ".join(_shown_score(r, m) for m in metrics)
+                    + f" | {step} | {peak} |"
                 )
             lines += [""] + [f"- {r['label']} failed: {r['error']}" for r in failed] + ([""] if failed else [])
     kinds = {r.get("memory_kind") for s in report["suites"].values() for b in s["settings"].values() for r in b["rows"]}
@@ -507,21 +576,45 @@ def leaderboard(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _scores(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """A row's test scores by metric (rows written before there were several kept accuracy alone)."""
+    if "scores" in row:
+        return row["scores"]
+    return {"accuracy": {"mean": row["accuracy_mean"], "std": row["accuracy_std"]}}
+
+
+def _rank(row: dict[str, Any], metric: str) -> float:
+    mean = _scores(row)[metric]["mean"]
+    return mean if metric in LOWER_IS_BETTER else -mean
+
+
+def _shown_score(row: dict[str, Any], metric: str) -> str:
+    score, decimals = _scores(row)[metric], METRICS[metric][2]
+    return f"{score['mean']:.{decimals}f} ± {score['std']:.{decimals}f}"
+
+
 def plot_suite(name: str, suite: dict[str, Any], x_key: str, x_label: str, path: Path) -> None:
-    """One panel per setting: test accuracy (mean ± std) against ``x_key``, log scale."""
+    """One panel per setting: its headline test score (mean ± std) against ``x_key``, log scale; what
+    trains nothing (zero-shot) is a dashed line."""
     plt = results._pyplot()
     panels = list(suite["settings"].items())
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (setting_name, block) in zip(axes[0], panels):
+        metric = headline(block["setting"])
         for r in block["rows"]:
-            if "error" in r or not r[x_key]:
+            if "error" in r:
                 continue
-            ax.errorbar(r[x_key], r["accuracy_mean"], yerr=r["accuracy_std"], fmt="o", capsize=3)
-            ax.annotate(
-                r["label"], (r[x_key], r["accuracy_mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7
-            )
+            score = _scores(r)[metric]
+            if not r["trainable_params"]:
+                ax.axhline(score["mean"], linestyle="--", color="grey", linewidth=1)
+                ax.annotate(r["label"], (0.01, score["mean"]), xycoords=("axes fraction", "data"), fontsize=7)
+                continue
+            if not r[x_key]:
+                continue
+            ax.errorbar(r[x_key], score["mean"], yerr=score["std"], fmt="o", capsize=3)
+            ax.annotate(r["label"], (r[x_key], score["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
-        ax.set(xlabel=x_label, ylabel="test accuracy %", title=f"{name}: {setting_name}")
+        ax.set(xlabel=x_label, ylabel=f"test {METRICS[metric][0]}", title=f"{name}: {setting_name}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
