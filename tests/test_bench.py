@@ -208,6 +208,23 @@ def test_a_store_made_with_other_settings_is_refused(tiny, tmp_path) -> None:
         _bench(changed, tmp_path / "out", Counting(), seeds=1, quick=True)
 
 
+def test_a_store_from_before_a_run_option_existed_still_resumes(tiny, tmp_path) -> None:
+    """Runs stored before ``rouge_sample`` and ``score_base`` were options ran at their defaults."""
+    _bench(tiny, tmp_path, Counting(), seeds=1, quick=True)
+    store = tmp_path / bench.STORE_FILE
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    for row in rows:
+        del row["spec"]["rouge_sample"], row["spec"]["score_base"]
+    store.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    again = Counting()
+    _bench(tiny, tmp_path, again, seeds=1, quick=True)
+    assert again.specs == []
+    rows[0]["spec"]["rouge_sample"] = 8  # a real difference is still one
+    store.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(run.UsageError, match="other settings \\(rouge_sample\\)"):
+        _bench(tiny, tmp_path, Counting(), seeds=1, quick=True)
+
+
 def test_quick_from_the_cli_and_a_suite_without_its_assets_is_skipped(tiny, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setitem(bench.SUITES, "text", dataclasses.replace(tiny, name="text"))
     missing = dataclasses.replace(

@@ -136,6 +136,14 @@ def test_zero_shot_scores_the_base_model_as_a_run_and_evaluate_reads_it_back(dec
     assert again["loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-6)
 
 
+def test_rouge_sample_on_rows_without_references_is_refused_before_training(decoder_folder, tmp_path, capsys) -> None:
+    data = write_jsonl(tmp_path / "texts.jsonl", [{"text": r} for r in REVIEWS] * 4)
+    args = ("--model", str(decoder_folder), "--task", str(data), "--val-size", "4", "--rouge-sample", "4")
+    code, metrics = finetune(tmp_path, *args)
+    assert code == 2 and metrics is None
+    assert "--rouge-sample scores completions against references" in capsys.readouterr().err
+
+
 def test_zero_shot_is_refused_where_a_new_head_would_start_untrained(tmp_path, capsys) -> None:
     from tests.workflow_fixtures import save_text_encoder, sentences, write_csv
 

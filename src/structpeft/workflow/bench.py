@@ -344,6 +344,12 @@ def run_spec(
     )
 
 
+def _with_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's spec, with the fields added to ``RunSpec`` since it ran at their defaults (what it ran with)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(run.RunSpec) if f.default is not dataclasses.MISSING}
+    return {**defaults, **stored}
+
+
 def spec_key(spec: run.RunSpec | dict[str, Any]) -> dict[str, Any]:
     fields = dataclasses.asdict(spec) if isinstance(spec, run.RunSpec) else spec
     return {k: v for k, v in fields.items() if k not in NOT_IN_KEY}
@@ -376,8 +382,9 @@ class Runner:
             row = self.done[spec.out] = {**self.finetune(spec), "out": spec.out}
             self.trained += 1
         else:
-            if spec_key(row["spec"]) != spec_key(spec):
-                changed = sorted(k for k, v in spec_key(spec).items() if row["spec"].get(k) != v)
+            stored = _with_defaults(row["spec"])
+            if spec_key(stored) != spec_key(spec):
+                changed = sorted(k for k, v in spec_key(spec).items() if stored.get(k) != v)
                 raise StoreMismatch(
                     f"{spec.out} holds a run made with other settings ({', '.join(changed)}): "
                     f"give another --out, or delete that folder's row from {self.options.out / STORE_FILE}"
@@ -427,6 +434,11 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
         print(f"  {entry['label']} failed: {error}", file=sys.stderr, flush=True)
         return {**entry, "error": error}
     val_by_lr, chosen, finals = done
+    missing = sorted({m for r in finals for m in setting.metrics if m not in r["test"]})
+    if missing:
+        error = f"the test scores have no {', '.join(missing)} (they have {', '.join(finals[0]['test'])})"
+        print(f"  {entry['label']} failed: {error}", file=sys.stderr, flush=True)
+        return {**entry, "error": error}
     scores = {}
     for metric in setting.metrics:
         values = [METRICS[metric][1] * r["test"][metric] for r in finals]
@@ -484,7 +496,7 @@ def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict
         try:
             settings = settings_of(suite, options.quick)
             plans = [(s, plan_setting(suite, s, plan)) for s in settings]
-        except FileNotFoundError as e:
+        except (FileNotFoundError, ImportError) as e:  # an asset, or the extra that reads it, not installed
             print(f"suite {name} skipped: {e}", file=sys.stderr, flush=True)
             report["skipped"][name] = str(e)
             continue
@@ -538,7 +550,7 @@ def leaderboard(report: dict[str, Any]) -> str:
         if report["quick"]
         else f"the learning rate chosen on validation (grid: the default × {grid}, seed 0)."
     )
-    lines += [f"Test scores, mean ± std over {report['seeds']} seed(s), at {protocol}", ""]
+    lines += [f"Test scores, mean ± std over {report['seeds']} seed(s) (zero-shot: one run), at {protocol}", ""]
     for name, reason in report["skipped"].items():
         lines += [f"Suite {name} skipped: {reason}", ""]
     for name, suite in report["suites"].items():

@@ -119,6 +119,8 @@ def check_spec(spec: RunSpec) -> None:
             raise UsageError(f"--{name} must be a finite number{' > 0' if low is not None else ' >= 0'}, got {value}")
     if spec.rouge_sample < 0:
         raise UsageError(f"--rouge-sample must be a number of test examples >= 0, got {spec.rouge_sample}")
+    if spec.rouge_sample and importlib.util.find_spec("rouge_score") is None:
+        raise UsageError('--rouge-sample needs the rouge-score package: pip install "structpeft[cli]"')
     if spec.save_every is not None and spec.save_every < 1:
         raise UsageError(f"--save-every must be a positive number of steps, got {spec.save_every}")
     if spec.resume and (spec.out is None or not (Path(spec.out) / CHECKPOINT_DIR).is_dir()):
@@ -266,6 +268,8 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     settings.chat = uses_chat_template(spec.chat_template, loaded, task)
     if task.kind == "causal-lm":
         _check_rows(task, loaded, settings)
+    if spec.rouge_sample and spec.score_test:
+        _check_generation_task(task)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = Path(spec.out or f"runs/{Path(spec.model).name}-{task.name}-{spec.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     device = resolve_device(spec.device, processes)
@@ -358,7 +362,7 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
     results.append_result(Path(spec.results), {**row, "out": str(out)})
     metric, value = results.headline(row)
     scored = f"test {metric} {value:.2f}" if value is not None else "test not scored"
-    if "base_val" in row and log.best_val:
+    if "base_val" in row and log.best_val and recipe.trains:
         scored = f"val loss {row['base_val']['loss']:.4f} before training -> {log.best_val['loss']:.4f} | {scored}"
     which = f"epoch {log.best_epoch}, best on validation" if recipe.trains else "untrained"
     print(
@@ -380,6 +384,16 @@ def _check_rows(task: Task, loaded: LoadedModel, settings: TrainSettings) -> Non
             raise UsageError(f"{task.name} ({split} split): {e}") from e
         if note:
             print(f"note: {task.name} ({split} split): {note}", file=sys.stderr, flush=True)
+
+
+def _check_generation_task(task: Task) -> None:
+    """--rouge-sample compares completions with references: prompt/completion rows of a causal-LM task."""
+    fields = set(task.source.get("fields", ()))
+    if task.kind != "causal-lm" or not {"prompt", "completion"} <= fields:
+        kind = task.kind if task.kind != "causal-lm" else f"causal-lm with {', '.join(sorted(fields)) or 'text'} rows"
+        raise UsageError(
+            f"--rouge-sample scores completions against references: {task.name} is {kind}, not prompt/completion rows"
+        )
 
 
 def _base_validation(
