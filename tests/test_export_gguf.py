@@ -241,6 +241,9 @@ def test_export_gguf_refuses_with_exit_2_and_one_line_before_writing(tmp_path, m
         assert not out.exists()
     assert main(["export", "--format", "gguf", "--adapter", str(tmp_path / "coeff"), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    peft_out = tmp_path / "peft-lora"
+    assert main(["export", "--adapter", str(tmp_path / "coeff"), "--out", str(peft_out), "--dtype", "float16"]) == 2
+    assert "--dtype float16 is for --format gguf" in capsys.readouterr().err and not peft_out.exists()
     saved = json.loads((tmp_path / "coeff" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"]  # what an adapter folder's export falls back to without --model
 

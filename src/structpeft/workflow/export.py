@@ -46,6 +46,8 @@ def export(
             raise UsageError(f"--out {out} is a folder; a GGUF adapter is one file (e.g. {out / 'adapter.gguf'})")
     elif out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; a PEFT LoRA is a folder")
+    elif dtype != "float32":
+        raise UsageError(f"--dtype {dtype} is for --format gguf; a PEFT LoRA is written in the adapter's float32")
 
     model, base_ref = _adapted_model(adapter_dir, model_ref)
     if fmt == "gguf":
