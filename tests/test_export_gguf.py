@@ -230,6 +230,8 @@ def test_export_gguf_refuses_with_exit_2_and_one_line_before_writing(tmp_path, m
         (["--adapter", str(tmp_path / "coeff"), "--model", str(base_file)], "acts on attention maps"),
         (["--adapter", str(tmp_path / "coeff"), "--uniform-rank"], "--uniform-rank and --lora-bias are for"),
         (["--adapter", str(tmp_path / "coeff"), "--rank", "2", "--energy", "0.5"], "at most one of"),
+        (["--adapter", str(tmp_path / "a-folder"), "--rank", "0"], "rank must be a positive integer"),
+        (["--adapter", str(tmp_path / "a-folder"), "--energy", "1.5"], "energy must be in (0, 1]"),
         (["--adapter", str(tmp_path / "a-folder")], "neither a run folder"),
     ]
     for flags, reason in cases:

@@ -10,6 +10,7 @@ import torch
 
 import structpeft as sp
 from structpeft.core import CONFIG_NAME, ExportReport, gguf_architecture
+from structpeft.core.export import check_rank_options
 from structpeft.workflow import results
 from structpeft.workflow.models import gguf_file, load_model
 from structpeft.workflow.run import UsageError, _load, _spec_of, restore
@@ -35,6 +36,10 @@ def export(
     carry before it writes anything."""
     if rank is not None and energy is not None:
         raise UsageError("give at most one of --rank R or --energy E")
+    try:
+        check_rank_options(rank, energy)  # here, not after the base model has loaded
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt!r}: choose {' or '.join(FORMATS)}")
     if fmt == "gguf":
