@@ -286,6 +286,26 @@ def test_finetune_quantize_trains_and_the_run_evaluates_generates_and_exports(tm
     assert refused.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("method", ["lora", "kernel-mix"])
+def test_a_classifier_on_a_quantized_base_trains_its_new_head_in_float(tmp_path, quantization, method) -> None:
+    """The new head bitsandbytes gave a 4/8-bit layer class, with weights it never quantized (they were not in
+    the checkpoint), is a float nn.Linear: trained whole, saved, and the run evaluates to its own test score."""
+    from structpeft.workflow import run
+    from tests import workflow_fixtures as fx
+
+    encoder = fx.save_text_encoder(tmp_path / "bert", dropout=0.0)
+    data = fx.write_csv(tmp_path / "reviews.csv", fx.sentences(80))
+    args = ("--model", str(encoder), "--task", str(data), "--method", method, "--quantize", quantization)
+    code, metrics = fx.finetune(tmp_path, *args)
+    assert code == 0 and metrics["status"] == "finished"
+    spec = run._spec_of(tmp_path / "run")
+    task, loaded = run._load(spec)
+    assert loaded.head == ["classifier"] and type(loaded.model.classifier) is nn.Linear
+    assert quant_backend(loaded.model.bert.encoder.layer[0].attention.self.query) is not None  # the rest is quantized
+    assert run.evaluate_run(tmp_path / "run") == pytest.approx(metrics["test"])
+
+
 @pytest.mark.parametrize("double", [False, True])
 def test_the_speed_suite_counts_a_4bit_layers_bytes(double) -> None:
     """Half a byte per weight, plus one scale per block of 64: float32 scales, or (double quantization) uint8

@@ -266,6 +266,8 @@ def _transformers_model(ref: str, task: Task, quantized: Any = None) -> LoadedMo
     loaded = LoadedModel(model, ref, _family(model.config, task.kind))
     if task.kind != "causal-lm":
         loaded.head = find_head(model, info, task.num_labels)
+        if quantized is not None:
+            _float_head(model, loaded.head)
     if task.kind == "image-classification":
         _image_settings(loaded, ref)
     else:
@@ -274,6 +276,24 @@ def _transformers_model(ref: str, task: Task, quantized: Any = None) -> LoadedMo
             loaded.tokenizer.pad_token = loaded.tokenizer.eos_token
         model.config.pad_token_id = loaded.tokenizer.pad_token_id
     return loaded
+
+
+def _float_head(model: nn.Module, head: list[str]) -> None:
+    """Under ``--quantize`` bitsandbytes gives a new classifier its 4-bit or 8-bit layer class, but the weights,
+    never in the checkpoint, stay unquantized floats that its kernels cannot read: the head, trained whole,
+    becomes the plain float ``nn.Linear`` it really is."""
+    for name in head:
+        for child_name, module in list(model.get_submodule(name).named_modules()):
+            quantized_class = isinstance(module, nn.Linear) and type(module) is not nn.Linear
+            if not quantized_class or not module.weight.dtype.is_floating_point:
+                continue
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight = nn.Parameter(module.weight.data.float())
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias.data.float())
+            full = f"{name}.{child_name}" if child_name else name
+            parent, _, attr = full.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, linear)
 
 
 def find_head(model: nn.Module, loading_info: dict[str, list], num_labels: int) -> list[str]:
