@@ -64,11 +64,14 @@ def _answer_log_likelihood(model, tokenizer, row: dict, chat: bool) -> tuple[flo
     return log_probs[kept].gather(1, targets[kept][:, None]).sum().item(), int(kept.sum())
 
 
+@pytest.mark.parametrize("answers", [["negative", "positive"], ["no", "yes, a fine one", "maybe"]])
 @pytest.mark.parametrize("chat", [True, False])
-def test_the_choice_between_answers_is_the_full_sequence_likelihood_of_each(decoder_folder, chat) -> None:
+def test_the_choice_between_answers_is_the_full_sequence_likelihood_of_each(decoder_folder, chat, answers) -> None:
+    """Answers of one length and of several (each answer's tokens padded within a batch)."""
     model, tokenizer = _adapted(decoder_folder)
-    answers = ["negative", "positive"]
-    examples = [{"prompt": r, "completion": answers[i % 2], "label": i % 2} for i, r in enumerate(REVIEWS)]
+    examples = [
+        {"prompt": r, "completion": answers[i % len(answers)], "label": i % len(answers)} for i, r in enumerate(REVIEWS)
+    ]
     task = Task("reviews", "causal-lm", [], [], examples, label_names=answers)
 
     got = choice_scores(model, task, examples, tokenizer, 512, chat, batch_size=4, device=torch.device("cpu"))
