@@ -145,6 +145,14 @@ def test_a_bench_killed_after_its_first_run_resumes_without_repeating_it(tiny, t
     assert sum("test" in r for r in stored) == 3  # one kept run per entry (seeds=1: the chosen search run)
 
 
+def test_the_leaderboard_holds_each_finished_entry_when_a_bench_stops_mid_setting(tiny, tmp_path) -> None:
+    killed = Counting(interrupt_at=5)  # the probe's three lrs and its second seed are done
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tiny, tmp_path, killed, seeds=2)
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "| probe |" in board and "lora@" not in board
+
+
 def test_test_is_scored_only_on_kept_runs_and_a_kept_search_run_scores_as_it_would_have(tiny, tmp_path) -> None:
     """The two lrs not chosen never see the test split; the chosen one is scored from its saved weights,
     with the numbers it gives when scored at the end of its training (checked by training it again)."""

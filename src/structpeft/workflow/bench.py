@@ -504,11 +504,11 @@ def bench(suite_names: list[str], options: Options, finetune: Callable[..., dict
         report["suites"][name] = {"about": suite.about, "settings": {}}
         for setting, entries in plans:
             rows = []
+            report["suites"][name]["settings"][setting.name] = {"setting": dataclasses.asdict(setting), "rows": rows}
             for entry in entries:
                 print(f"{name} / {setting.name} / {entry['label']}", flush=True)
                 rows.append(run_entry(runner, suite, setting, entry))
-            report["suites"][name]["settings"][setting.name] = {"setting": dataclasses.asdict(setting), "rows": rows}
-            write_outputs(report, options.out)  # what there is so far, after each setting
+                write_outputs(report, options.out)  # what there is so far, after each entry
     write_outputs(report, options.out)
     print(
         f"bench: {runner.trained} runs trained, {runner.skipped} found finished in {options.out / STORE_FILE}, "
