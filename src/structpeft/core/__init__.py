@@ -4,7 +4,7 @@ from structpeft.core.atomic import atomic_write_dir, atomic_write_file, committe
 from structpeft.core.cards import FAMILIES, MethodCard, method_cards, register_card
 from structpeft.core.checkpoint import CONFIG_NAME, CheckpointError
 from structpeft.core.config import AdapterConfig, register_method, registered_methods
-from structpeft.core.export import ExportReport, LayerExport, export_lora
+from structpeft.core.export import ExportReport, LayerExport, check_rank_options, export_lora
 from structpeft.core.export_gguf import export_gguf, gguf_architecture
 from structpeft.core.layers import (
     AdaptedLayer,
@@ -31,6 +31,7 @@ __all__ = [
     "PeftModel",
     "atomic_write_dir",
     "atomic_write_file",
+    "check_rank_options",
     "committed_path",
     "export_gguf",
     "export_lora",

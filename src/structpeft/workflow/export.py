@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 import structpeft as sp
-from structpeft.core import CONFIG_NAME, ExportReport, gguf_architecture
-from structpeft.core.export import check_rank_options
+from structpeft.core import CONFIG_NAME, ExportReport, check_rank_options, gguf_architecture
 from structpeft.workflow import results
 from structpeft.workflow.models import gguf_file, load_model
 from structpeft.workflow.run import UsageError, _load, _spec_of, restore
