@@ -339,9 +339,8 @@ def finetune(spec: RunSpec, command: list[str] | None = None) -> dict[str, Any]:
             if processes.is_main:
                 save_trained(model, out)
         if spec.score_test:
-            generations = spec.rouge_sample if task.kind == "causal-lm" else 0
             row["test"] = evaluate(
-                model, loaded, task, "test", settings, progress=show, processes=processes, generations=generations
+                model, loaded, task, "test", settings, progress=show, processes=processes, generations=spec.rouge_sample
             )
         row["status"] = "finished"
     except BaseException as e:
@@ -461,9 +460,8 @@ def evaluate_run(run_dir: Path, task_ref: str | None = None, split: str = "test"
     model = restore(run_dir, spec, task, loaded)
     settings = _settings(spec, recipes.Recipe(spec.method, [spec.method]))
     settings.chat = uses_chat_template(spec.chat_template, loaded, task)
-    generations = spec.rouge_sample if task.kind == "causal-lm" else 0
     scores = evaluate(
-        model, loaded, task, split, settings, progress=bar_mode(spec.progress) == "bar", generations=generations
+        model, loaded, task, split, settings, progress=bar_mode(spec.progress) == "bar", generations=spec.rouge_sample
     )
     print(
         f"{task.name} {split} ({len(task.split(split))} examples): "

@@ -421,8 +421,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy and loss for classification; loss and perplexity (per target token) for causal LM, with
     accuracy when the task names its answers (the likeliest answer is the prediction) and ROUGE-L of greedy
-    completions of the split's first ``generations`` prompts. (Every process scores the whole split, so all
-    agree on the best epoch.)"""
+    completions of the split's first ``generations`` prompts (causal LM only). (Every process scores the
+    whole split, so all agree on the best epoch.)"""
     device = resolve_device(settings.device, processes)
     model.to(device).eval()
     examples: Sequence[dict] = task.split(split)
@@ -430,7 +430,7 @@ def evaluate(
         scores = _choices(model, loaded, task, examples, settings, device)
     else:
         scores = _scored_batches(model, loaded, task, examples, settings, device, progress, split)
-    if generations:
+    if generations and task.kind == "causal-lm":
         with _autocast(device, settings.bf16):
             scores |= generation_scores(
                 model,
