@@ -68,16 +68,15 @@ def test_choose_lr_takes_the_best_validation_accuracy_then_loss() -> None:
     assert bench.lr_grid(1e-3, quick=True) == [1e-3]
 
 
-def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_path) -> None:
-    """Fake runs whose validation prefers the smallest lr and whose test prefers the largest."""
+def _fake_runs(val_of_lr) -> tuple:
+    """A finetune whose validation scores are ``val_of_lr(lr)``, test accuracy the lr; and its test scorer."""
 
     def fake(spec: run.RunSpec) -> dict:
-        val = {"accuracy": 1 / spec.lr / 1e4, "loss": 1.0}
         row = {
             "status": "finished",
             "spec": dataclasses.asdict(spec),
             "seed": spec.seed,
-            "val": val,
+            "val": val_of_lr(spec.lr),
             "trainable_params": 10,
             "device": "cpu",
         }
@@ -89,6 +88,12 @@ def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_
     def score_test(folder: Path) -> dict[str, float]:
         return {"accuracy": float(folder.name.removeprefix("lr").split("-")[0])}
 
+    return fake, score_test
+
+
+def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_path) -> None:
+    """Fake runs whose validation prefers the smallest lr and whose test prefers the largest."""
+    fake, score_test = _fake_runs(lambda lr: {"accuracy": 1 / lr / 1e4, "loss": 1.0})
     entry = {
         "label": "probe",
         "method": "probe",
@@ -104,6 +109,39 @@ def test_the_lr_is_chosen_on_validation_even_when_test_says_otherwise(tiny, tmp_
     assert [r["test"]["accuracy"] for r in row["runs"]] == [pytest.approx(0.00333)] * 2
     assert [r["seed"] for r in row["runs"]] == [0, 1]
     assert runner.trained == 4  # three lrs on seed 0, then seed 1 at the chosen one (seed 0 is the search run)
+
+
+@pytest.mark.parametrize(
+    ("best", "steps", "chosen", "tried"),
+    [
+        (1.0, 1, 0.09, [0.01, 0.03, 0.09]),  # best far beyond the top, one step allowed: one step taken
+        (0.09, 1, 0.09, [0.01, 0.03, 0.09]),  # best one step beyond: found
+        (0.09, 2, 0.09, [0.01, 0.03, 0.09, 0.27]),  # a second step finds the curve turn back
+        (0.03, 1, 0.03, [0.01, 0.03, 0.09]),  # the edge wins, the step beyond loses: the edge stays
+        (1e-4, 1, 0.00333, [0.00333, 0.01, 0.03]),  # best below the bottom: one step down
+        (1.0, 0, 0.03, [0.01, 0.03]),  # no steps (the text/conv/vit suites): the grid alone
+    ],
+)
+def test_a_best_lr_at_the_grid_edge_earns_more_beyond_it_on_validation(tiny, tmp_path, best, steps, chosen, tried):
+    """Validation loss |log(lr / best)|: the search walks past the edge of the (1, 3) grid while the edge wins."""
+    import math
+
+    fake, score_test = _fake_runs(lambda lr: {"loss": abs(math.log(lr / best))})
+    setting = dataclasses.replace(tiny.settings[0], lr_factors=(1.0, 3.0), lr_edge_steps=steps)
+    entry = {"label": "lora", "method": "lora", "budget": None, "settings": {}, "adapter_params": 1,
+             "default_lr": 1e-2, "budget_target": None}  # fmt: skip
+    runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=fake, score_test=score_test)
+    row = bench.run_entry(runner, tiny, setting, entry)
+    assert row["lr"] == pytest.approx(chosen)
+    assert [float(lr) for lr in row["lr_grid"]] == pytest.approx(sorted({*tried, 0.01, 0.03}))
+    assert [r["test"]["accuracy"] for r in row["runs"]] == [pytest.approx(chosen)] * 2
+    assert runner.trained == len(row["lr_grid"]) + 1  # the search, then seed 1 at the chosen lr
+
+
+def test_a_diverged_search_run_ranks_last() -> None:
+    assert bench.choose_lr({1e-3: {"loss": float("nan")}, 3e-4: {"loss": 2.0}, 1e-4: {"loss": float("inf")}}) == 3e-4
+    assert bench.beyond_edge([1e-3, 3e-3], 3e-3) == pytest.approx(9e-3)
+    assert bench.beyond_edge([1e-3, 3e-3, 9e-3], 3e-3) is None
 
 
 def test_a_rerun_trains_nothing_and_gives_the_same_leaderboard(tiny, tmp_path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import traceback
@@ -32,6 +33,7 @@ from structpeft.workflow import recipes, results, run
 from structpeft.workflow.distributed import launched_processes
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around a method's default learning rate
+LR_EDGE_STEP = 3.0  # how far beyond an edge of the grid a setting's extra learning rates go
 QUICK_FIELDS = {"train_size": 64, "test_size": 64, "val_size": 16, "epochs": 1, "batch_size": 16, "max_length": 32}
 QUICK_GENERATIONS = 8  # --quick's ROUGE-L sample
 # Spec fields that do not change what a run computes (where it writes, how it shows progress, extra scores).
@@ -68,6 +70,9 @@ class Setting:
     quick_max_length: int | None = None  # --quick's, where QUICK_FIELDS' would cut every answer
     metrics: tuple[str, ...] = ("accuracy",)  # test metrics shown; the first ranks the leaderboard
     rouge_sample: int = 0  # causal LM: ROUGE-L of greedy completions of this many test prompts
+    lr_factors: tuple[float, ...] = LR_FACTORS  # the lr grid: a method's default times these
+    # a best lr (on validation) at an edge of the grid earns up to this many more, LR_EDGE_STEP apart, beyond it
+    lr_edge_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,20 @@ def _decoder(model: str) -> tuple[Setting, ...]:
     Sized toward the budget: 15 entries that train, 5 runs each, on 2 tasks is 150 runs, and one step of
     every entry on 8 rows takes about 45 s on 2 CPU cores (SmolLM2; HF C3A, SURM-LDR and HF LoHa take
     2-3x LoRA's). Each run takes 16 (definitions) and 12 (sentiment) steps of 8 rows; validation is 48
-    rows, test 200 (ROUGE-L on 64 of them)."""
-    common = {"model": model, "epochs": 1, "batch_size": 8, "val_size": 48, "test_size": 200}
+    rows, test 200 (ROUGE-L on 64 of them).
+
+    The learning rates: the decoder defaults were set on 63 steps of 16 rows, and on these 16 steps of 8 every
+    entry of a first full run chose the top of the default × (1/3, 1, 3) grid; here the grid is the default ×
+    (1, 3, 9), and a best lr at an edge earns one more beyond it (all chosen on validation)."""
+    common = {
+        "model": model,
+        "epochs": 1,
+        "batch_size": 8,
+        "val_size": 48,
+        "test_size": 200,
+        "lr_factors": (1.0, 3.0, 9.0),
+        "lr_edge_steps": 1,
+    }
     return (
         Setting(
             f"{model}/definitions", task="wordnet-definitions", train_size=128, max_length=96, quick_max_length=96,
@@ -226,8 +243,19 @@ def quick_setting(setting: Setting, named_by_task: bool = False) -> Setting:
     )
 
 
-def lr_grid(default: float, quick: bool) -> list[float]:
-    return [default] if quick else [float(f"{default * f:.3g}") for f in LR_FACTORS]
+def lr_grid(default: float, quick: bool, factors: tuple[float, ...] = LR_FACTORS) -> list[float]:
+    return [default] if quick else [_rounded(default * f) for f in factors]
+
+
+def _rounded(lr: float) -> float:
+    return float(f"{lr:.3g}")
+
+
+def beyond_edge(grid: list[float], chosen: float) -> float | None:
+    """The next learning rate to try when ``chosen`` is the grid's largest or smallest, else None."""
+    if len(grid) < 2 or min(grid) < chosen < max(grid):
+        return None
+    return _rounded(chosen * LR_EDGE_STEP if chosen == max(grid) else chosen / LR_EDGE_STEP)
 
 
 def headline(setting: Setting | dict[str, Any]) -> str:
@@ -243,7 +271,8 @@ def choose_lr(val_by_lr: dict[float, dict[str, float]]) -> float:
         val = val_by_lr[lr]
         if not val:
             raise ValueError(f"lr {lr:g}: the run has no validation score to choose by")
-        return (val.get("accuracy", 0.0), -val["loss"])
+        loss = val["loss"]
+        return (val.get("accuracy", 0.0), -loss if math.isfinite(loss) else -math.inf)  # a diverged run ranks last
 
     return max(val_by_lr, key=score)
 
@@ -423,10 +452,16 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
 
     def search_and_finals() -> tuple[dict, float, list[dict[str, Any]]]:
         # what trains nothing has no lr to search and scores the same with any seed
-        grid = lr_grid(entry["default_lr"], options.quick or not trains)
+        grid = lr_grid(entry["default_lr"], options.quick or not trains, setting.lr_factors)
         # test is scored only on the runs kept: the chosen lr's search run is scored once chosen
         val_by_lr = {lr: one(lr, 0, final=len(grid) == 1).get("val") or {} for lr in grid}
         chosen = choose_lr(val_by_lr) if len(grid) > 1 else grid[0]
+        for _ in range(setting.lr_edge_steps if len(grid) > 1 else 0):
+            beyond = beyond_edge(sorted(val_by_lr), chosen)
+            if beyond is None:
+                break
+            val_by_lr[beyond] = one(beyond, 0, final=False).get("val") or {}
+            chosen = choose_lr(val_by_lr)
         return val_by_lr, chosen, [one(chosen, seed) for seed in range(options.seeds if trains else 1)]
 
     done, error = _attempt(search_and_finals)
@@ -446,7 +481,7 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
     memory = [r.get("peak_cuda_mib") or r.get("peak_rss_mib") for r in finals]
     return {
         **entry,
-        "lr_grid": {f"{lr:g}": val.get("accuracy", val.get("loss")) for lr, val in val_by_lr.items()},
+        "lr_grid": {f"{lr:g}": val.get("accuracy", val.get("loss")) for lr, val in sorted(val_by_lr.items())},
         "lr": chosen,
         "trainable_params": finals[0]["trainable_params"],
         "metric": headline(setting),
@@ -566,6 +601,7 @@ def leaderboard(report: dict[str, Any]) -> str:
                 f"### {setting_name} (train {s['train_size'] or 'all'}, test {s['test_size'] or 'all'}{generated}, "
                 f"{s['epochs']} epoch(s), device {rows[0]['device'] if rows else '-'})",
                 "",
+                *_own_grid(s, report),
                 "| method | settings | adapter params | trainable | lr | "
                 + " | ".join(METRICS[m][0] for m in metrics)
                 + f" | step ms | peak MiB ({memory}) |",
@@ -586,6 +622,16 @@ def leaderboard(report: dict[str, Any]) -> str:
     kinds = {r.get("memory_kind") for s in report["suites"].values() for b in s["settings"].values() for r in b["rows"]}
     lines += [_MEMORY_NOTES[kind] + "\n" for kind in sorted(kinds & set(_MEMORY_NOTES))]
     return "\n".join(lines)
+
+
+def _own_grid(setting: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """A line on a setting's learning-rate grid where it is not the suite-wide one."""
+    factors, steps = setting.get("lr_factors", report["lr_factors"]), setting.get("lr_edge_steps", 0)
+    if report["quick"] or (list(factors) == list(report["lr_factors"]) and not steps):
+        return []
+    grid = ", ".join(f"{f:.3g}" for f in factors)
+    beyond = f"; a best lr at an edge earns up to {steps} more, x{LR_EDGE_STEP:g} beyond it" if steps else ""
+    return [f"Learning rates here: the default × {grid}{beyond} (the column shows the one chosen).", ""]
 
 
 def _scores(row: dict[str, Any]) -> dict[str, dict[str, float]]:
