@@ -323,6 +323,30 @@ def test_report_table_plot_and_torn_lines(assets, tmp_path, capsys, monkeypatch)
     assert main(["report", str(tmp_path / "run")]) == 0  # a run folder is a source too
 
 
+def test_report_ranks_each_metric_apart_and_a_lower_perplexity_first() -> None:
+    from structpeft.workflow import results
+
+    def row(method: str, seed: int, **test: float) -> dict:
+        return {"model": "m", "task": "t", "method": method, "lr": 1e-3, "seed": seed, "test": test}
+
+    rows = [
+        row("a", 0, perplexity=20.0),
+        row("a", 1, perplexity=22.0),
+        row("b", 0, perplexity=12.0),
+        row("c", 0, rougeL=0.30),
+        row("d", 0, rougeL=0.40),
+        row("d", 1, perplexity=15.0),  # the same setting scored without ROUGE-L: its own row, never averaged in
+    ]
+    summary = [(s["method"], s["metric"], s["mean"], s["runs"]) for s in results.summarise(rows)]
+    assert summary == [
+        ("d", "ROUGE-L", pytest.approx(40.0), 1),
+        ("c", "ROUGE-L", pytest.approx(30.0), 1),
+        ("b", "perplexity", 12.0, 1),
+        ("d", "perplexity", 15.0, 1),
+        ("a", "perplexity", 21.0, 2),
+    ]
+
+
 def test_a_failure_after_training_started_writes_what_it_has(assets, tmp_path, capsys, monkeypatch) -> None:
     import structpeft.workflow.run as run
 

@@ -82,19 +82,24 @@ def headline(row: dict[str, Any]) -> tuple[str, float | None]:
     return "-", None
 
 
+LOWER_IS_BETTER = {"perplexity"}
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per setting (model, task, method, size, lr): the headline metric's mean and std over seeds."""
-    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    """One row per setting (model, task, method, size, lr) and headline metric: its mean and std over seeds.
+
+    Ranked within each model, task and metric, best first (a lower perplexity is better); a store that
+    holds both ROUGE-L and perplexity runs of a task shows them as two rankings, never one."""
+    groups: dict[tuple, list[tuple[dict[str, Any], float | None]]] = defaultdict(list)
     for row in rows:
         if row.get("status", "finished") != "finished":
             continue
+        metric, value = headline(row)
         key = (row.get("model"), row.get("task"), row.get("method"), row.get("train_examples"), row.get("lr"))
-        groups[key].append(row)
+        groups[(*key, metric)].append((row, value))
     out = []
-    for (model, task, method, n_train, lr), runs in groups.items():
-        scored = [h for h in map(headline, runs) if h[1] is not None]  # a search run may have no test score
-        metric = scored[0][0] if scored else "-"
-        values = [v for _, v in scored]
+    for (model, task, method, n_train, lr, metric), runs in groups.items():
+        values = [v for _, v in runs if v is not None]  # a search run may have no test score
         out.append(
             {
                 "model": model,
@@ -106,11 +111,23 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "metric": metric,
                 "mean": statistics.mean(values) if values else None,
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "params": runs[0].get("trainable_params"),
-                "step_ms": statistics.mean(r.get("step_time_ms") or 0 for r in runs),
+                "params": runs[0][0].get("trainable_params"),
+                "step_ms": statistics.mean(r.get("step_time_ms") or 0 for r, _ in runs),
             }
         )
-    return sorted(out, key=lambda s: (str(s["model"]), str(s["task"]), -(s["mean"] or 0)))
+
+    def rank(s: dict[str, Any]) -> tuple:
+        if s["mean"] is None:
+            return (str(s["model"]), str(s["task"]), s["metric"], 1, 0.0)
+        return (
+            str(s["model"]),
+            str(s["task"]),
+            s["metric"],
+            0,
+            s["mean"] * (1 if s["metric"] in LOWER_IS_BETTER else -1),
+        )
+
+    return sorted(out, key=rank)
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
@@ -146,20 +163,20 @@ def _pyplot():
 
 
 def plot_metric_vs_params(rows: list[dict[str, Any]], path: Path) -> None:
-    """One panel per (model, task): the headline metric against trainable parameters (log scale)."""
+    """One panel per (model, task, metric): the headline metric against trainable parameters (log scale)."""
     plt = _pyplot()
     summary = [s for s in summarise(rows) if s["mean"] is not None and s["params"]]
-    panels = sorted({(str(s["model"]), str(s["task"])) for s in summary})
+    panels = sorted({(str(s["model"]), str(s["task"]), s["metric"]) for s in summary})
     if not panels:
         raise ValueError("no finished run with a test metric to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (model, task) in zip(axes[0], panels):
-        for s in (s for s in summary if (str(s["model"]), str(s["task"])) == (model, task)):
+    for ax, (model, task, metric) in zip(axes[0], panels):
+        for s in (s for s in summary if (str(s["model"]), str(s["task"]), s["metric"]) == (model, task, metric)):
             ax.errorbar(s["params"], s["mean"], yerr=s["std"], fmt="o", capsize=3)
             ax.annotate(
                 str(s["method"]), (s["params"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8
             )
-            ax.set_ylabel(s["metric"])
+        ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_title(f"{model} on {task}")
