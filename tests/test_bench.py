@@ -287,7 +287,10 @@ def test_quick_from_the_cli_and_a_suite_without_its_assets_is_skipped(tiny, tmp_
         return real_load(model, task)
 
     monkeypatch.setattr(run, "load_for_sizing", no_mobilenet)
+    speed_measured = []  # the speed suite has its own tests (test_speed.py): here only that `all` runs it, last
+    monkeypatch.setattr(cli, "_speed_run", lambda args, argv: lambda: speed_measured.append(args.quick))
     assert cli.main(["bench", "--suite", "all", "--quick", "--out", str(tmp_path)]) == 0
+    assert speed_measured == [True] and (tmp_path / "results.json").is_file()
     assert "suite conv skipped: the offline asset comes from the package X" in capsys.readouterr().err
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["quick"] and report["seeds"] == 1 and list(report["suites"]) == ["text"]
