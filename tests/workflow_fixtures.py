@@ -64,7 +64,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_decoder(folder: Path, kind: str, chat_template: str | None = None, hidden_size: int = 32) -> Path:
+def save_decoder(
+    folder: Path, kind: str, chat_template: str | None = None, hidden_size: int = 32, tie_embeddings: bool = False
+) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -79,6 +81,7 @@ def save_decoder(folder: Path, kind: str, chat_template: str | None = None, hidd
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
+            tie_word_embeddings=tie_embeddings,
         )
         model = LlamaForCausalLM(config)
     model.save_pretrained(folder)

@@ -9,6 +9,7 @@ from structpeft.core import (
     export_gguf,
     export_lora,
     get_peft_model,
+    quantize_embeddings,
 )
 from structpeft.methods import CoeffConfig, FloraConfig, KernelMixConfig, LoraConfig, SurmConfig
 
@@ -28,6 +29,7 @@ __all__ = [
     "export_gguf",
     "export_lora",
     "get_peft_model",
+    "quantize_embeddings",
 ]
 
 

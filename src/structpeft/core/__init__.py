@@ -15,8 +15,10 @@ from structpeft.core.layers import (
     module_host,
 )
 from structpeft.core.model import PeftModel, get_peft_model
+from structpeft.core.quantized_embeddings import quantize_embeddings
 
 __all__ = [
+    "quantize_embeddings",
     "CONFIG_NAME",
     "FAMILIES",
     "MethodCard",

@@ -86,6 +86,11 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize", choices=("nf4", "fp4", "int8"), default=None, help="load the base 4-bit or 8-bit (bitsandbytes)"
     )
+    p.add_argument(
+        "--quantize-embeddings",
+        action="store_true",
+        help="with --quantize nf4|fp4: the input embedding (and an LM head tied to it) in the same 4 bits too",
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--text-column", default=None)

@@ -71,6 +71,7 @@ class RunSpec:
     seed: int = 0
     bf16: bool = False
     quantize: str | None = None  # load the base quantized: nf4, fp4 or int8 (bitsandbytes)
+    quantize_embeddings: bool = False  # and its input embedding (and a tied LM head) in the same 4 bits
     device: str = "auto"
     compile: bool = False
     train_size: int | None = None
@@ -137,6 +138,8 @@ def check_spec(spec: RunSpec) -> None:
             raise UsageError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {spec.quantize!r}")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UsageError('--quantize needs bitsandbytes: pip install "structpeft[quantized]"')
+    if spec.quantize_embeddings and spec.quantize not in ("nf4", "fp4"):
+        raise UsageError("--quantize-embeddings stores the embedding in 4 bits: it needs --quantize nf4 or fp4")
     if spec.chat_template not in CHAT_TEMPLATE_CHOICES:
         raise UsageError(
             f"--chat-template must be one of {', '.join(CHAT_TEMPLATE_CHOICES)}, got {spec.chat_template!r}"
@@ -198,7 +201,17 @@ def _load(spec: RunSpec) -> tuple[Task, LoadedModel]:
         test_size=spec.test_size,
     )
     torch.manual_seed(spec.seed)  # the new head's initialisation
-    return task, load_model(spec.model, task, spec.quantize, compute_dtype=torch.bfloat16 if spec.bf16 else None)
+    loaded = load_model(spec.model, task, spec.quantize, compute_dtype=torch.bfloat16 if spec.bf16 else None)
+    if spec.quantize_embeddings:
+        try:
+            saved = sp.quantize_embeddings(loaded.model, spec.quantize)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"--quantize-embeddings: {e}") from e
+        print(
+            f"--quantize-embeddings: the vocabulary table in {spec.quantize}, {saved / 2**20:.1f} MiB less",
+            file=sys.stderr,
+        )
+    return task, loaded
 
 
 def _settings(spec: RunSpec, recipe: recipes.Recipe) -> TrainSettings:

@@ -26,7 +26,7 @@ import math
 import platform
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -432,9 +432,13 @@ def quantized_section(device: torch.device, scale: Scale) -> Iterator[Section]:
         except (FileNotFoundError, ImportError) as e:  # the model's packages, gguf or bitsandbytes missing
             yield Section(title, [], [], skipped=str(e))
             continue
-        q_bytes, f_bytes = weight_bytes(quantized.base), weight_bytes(floating.base)
-        mib = f"{f_bytes / 2**20:.0f} MiB float32, {q_bytes / 2**20:.0f} MiB NF4"
-        title += f"; weights {mib} ({f_bytes / q_bytes:.2f}x less)"
+        tabled = replace(quantized, base=copy.deepcopy(quantized.base))
+        sp.quantize_embeddings(tabled.base, "nf4")
+        q_bytes, f_bytes, t_bytes = (weight_bytes(w.base) for w in (quantized, floating, tabled))
+        title += (
+            f"; weights {f_bytes / 2**20:.0f} MiB float32, {q_bytes / 2**20:.0f} MiB NF4 ({f_bytes / q_bytes:.2f}x "
+            f"less), {t_bytes / 2**20:.0f} MiB NF4 with the 4-bit vocabulary table ({f_bytes / t_bytes:.2f}x less)"
+        )
         lora = lambda: sp.LoraConfig(r=8, alpha=16, target_modules=DECODER_TARGETS)  # noqa: E731
         reference = "hf-peft lora r=8 (nf4)"
         methods = {
@@ -449,11 +453,13 @@ def quantized_section(device: torch.device, scale: Scale) -> Iterator[Section]:
                 quantized.adapted(reference, peft.LoraConfig(r=8, lora_alpha=16, target_modules=DECODER_TARGETS)),
                 *(quantized.adapted(label, config) for label, config in methods.items()),
                 floating.adapted("lora r=8 (float32 base)", lora()),
+                tabled.adapted("lora r=8 (nf4 + 4-bit table)", lora()),
             ],
             [
                 Ratio("lora r=8 (nf4)", reference, 1.05),
                 *(Ratio(label, reference) for label in list(methods)[1:]),
                 Ratio("lora r=8 (nf4)", "lora r=8 (float32 base)"),
+                Ratio("lora r=8 (nf4 + 4-bit table)", "lora r=8 (nf4)"),
             ],
         )
 
