@@ -66,7 +66,12 @@ def block_circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     elif q == 1:
         spectrum = (x_spectrum * c_spectrum[0]).sum(-2, keepdim=True)  # (..., 1, f)
     else:
-        spectrum = torch.einsum("...pf,qpf->...qf", x_spectrum, c_spectrum)
+        # A batched matmul per frequency on contiguous operands: the einsum of the same contraction copied
+        # its strided operands one frequency at a time on CPU (about 580 small copies a step) and took
+        # 1.45x this one's time, forward + backward, at SmolLM2's MLP grid (8, 3, 192) on 512 vectors.
+        vectors = x_spectrum.reshape(-1, p, x_spectrum.shape[-1]).permute(2, 0, 1).contiguous()  # (f, N, p)
+        spectrum = torch.bmm(vectors, c_spectrum.permute(2, 1, 0).contiguous())  # (f, N, q)
+        spectrum = spectrum.permute(1, 2, 0).reshape(*x.shape[:-1], q, -1)  # (..., q, f)
     y = torch.fft.irfft(spectrum, n=b)  # (..., q, b)
     return y.reshape(*x.shape[:-1], q * b).to(x.dtype)
 
