@@ -138,6 +138,29 @@ def test_a_best_lr_at_the_grid_edge_earns_more_beyond_it_on_validation(tiny, tmp
     assert runner.trained == len(row["lr_grid"]) + 1  # the search, then seed 1 at the chosen lr
 
 
+@pytest.mark.parametrize("cause", [FloatingPointError("the loss became nan"), OSError("disk full")])
+def test_a_search_run_whose_training_diverges_ranks_last_and_other_failures_fail_the_entry(tiny, tmp_path, cause):
+    import math
+
+    fake, score_test = _fake_runs(lambda lr: {"loss": abs(math.log(lr / 1.0))})  # validation prefers the largest
+
+    def diverging(spec: run.RunSpec) -> dict:
+        if spec.lr > 0.05:
+            raise run.RunFailed(f"{type(cause).__name__}: {cause}") from cause
+        return fake(spec)
+
+    setting = dataclasses.replace(tiny.settings[0], lr_factors=(1.0, 3.0), lr_edge_steps=2)
+    entry = {"label": "lora", "method": "lora", "budget": None, "settings": {}, "adapter_params": 1,
+             "default_lr": 1e-2, "budget_target": None}  # fmt: skip
+    runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=diverging, score_test=score_test)
+    row = bench.run_entry(runner, tiny, setting, entry)
+    if isinstance(cause, FloatingPointError):
+        assert row["lr"] == pytest.approx(0.03) and row["lr_grid"]["0.09"] is None  # tried, diverged, ranked last
+        assert list(row["lr_grid"]) == ["0.01", "0.03", "0.09"]  # no step beyond a diverged rate
+    else:
+        assert "disk full" in row["error"]
+
+
 def test_a_diverged_search_run_ranks_last() -> None:
     assert bench.choose_lr({1e-3: {"loss": float("nan")}, 3e-4: {"loss": 2.0}, 1e-4: {"loss": float("inf")}}) == 3e-4
     assert bench.beyond_edge([1e-3, 3e-3], 3e-3) == pytest.approx(9e-3)

@@ -89,6 +89,22 @@ def test_the_4bit_table_equals_the_float_model_holding_its_values(build, quant_t
     assert not any(p.requires_grad for p in table.parameters())
 
 
+def test_bf16_autocast_trains_through_the_table_and_a_bf16_cast_leaves_it_exact() -> None:
+    model = _llama(tied=True)
+    sp.quantize_embeddings(model)
+    table = model.get_input_embeddings().table
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    rows = table.rows(ids)
+    adapted = sp.get_peft_model(model, sp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = adapted(input_ids=ids, labels=ids).loss
+    loss.backward()  # outside autocast, as a training loop does: the head's gradient arrives in bf16
+    grads = [p.grad for p in adapted.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    model.to(torch.bfloat16)  # casts floating-point buffers: the table's scales are not among them
+    torch.testing.assert_close(table.rows(ids), rows, atol=0, rtol=0)
+
+
 def test_gemma3_keeps_its_embedding_scale() -> None:
     model = _gemma3()
     scale = model.get_input_embeddings().embed_scale

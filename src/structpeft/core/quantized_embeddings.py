@@ -33,9 +33,12 @@ class QuantizedTable(nn.Module):
         # no double quantization: its second-level scales span rows, and the table is read a few rows at a time
         packed, state = quantize_4bit(weight.detach().float(), blocksize=BLOCK, quant_type=quant_type)
         self.register_buffer("packed", packed.view(vocab, dim // 2))  # (V, d/2) uint8: two values a byte
-        self.register_buffer("absmax", state.absmax.view(vocab, dim // BLOCK))  # (V, d/B) float32
-        self.register_buffer("code", state.code)  # the 16 values a 4-bit code stands for
-        self.state = state  # the format; absmax, code and shape are set per read
+        # The float32 scales and code book are kept as int32 bits, so that model.to(torch.bfloat16) or .half(),
+        # which cast floating-point buffers, leave them exact (a CUDA kernel reads them as float32 regardless).
+        self.register_buffer("absmax_bits", state.absmax.view(vocab, dim // BLOCK).view(torch.int32))  # (V, d/B)
+        self.register_buffer("code_bits", state.code.float().view(torch.int32))  # the 16 values a code stands for
+        state.absmax = state.code = None  # set per read, from the buffers (wherever .to() has moved them)
+        self.state = state  # the format: quant_type, blocksize
         self.shape = (vocab, dim)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -44,8 +47,8 @@ class QuantizedTable(nn.Module):
 
         dim = self.shape[1]
         state = copy.copy(self.state)
-        state.code = self.code
-        state.absmax = F.embedding(index.reshape(-1), self.absmax).reshape(-1)
+        state.code = self.code_bits.view(torch.float32)
+        state.absmax = F.embedding(index.reshape(-1), self.absmax_bits).reshape(-1).view(torch.float32)
         state.shape = torch.Size((index.numel(), dim))
         state.dtype = torch.float32
         packed = F.embedding(index.reshape(-1), self.packed).reshape(-1, 1)
@@ -80,12 +83,14 @@ class _TiedHeadProduct(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, table: QuantizedTable) -> torch.Tensor:  # hidden: (..., d)
         ctx.table = table
         ctx.save_for_backward(hidden)
-        vocab = table.shape[0]
-        chunks = [
-            hidden @ table.rows(_span(start, vocab, hidden.device)).to(hidden.dtype).T
-            for start in range(0, vocab, HEAD_CHUNK_ROWS)
-        ]
-        return torch.cat(chunks, dim=-1)  # (..., V)
+        vocab, logits = table.shape[0], None
+        for start in range(0, vocab, HEAD_CHUNK_ROWS):
+            span = _span(start, vocab, hidden.device)
+            chunk = hidden @ table.rows(span).to(hidden.dtype).T  # (..., rows); bf16 under autocast
+            if logits is None:  # written in place: a list of chunks and their cat would hold the logits twice
+                logits = chunk.new_empty(*hidden.shape[:-1], vocab)
+            logits[..., start : start + span.numel()] = chunk
+        return logits  # (..., V)
 
     @staticmethod
     def backward(ctx, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, None]:
@@ -93,6 +98,8 @@ class _TiedHeadProduct(torch.autograd.Function):
             return None, None
         (hidden,) = ctx.saved_tensors
         table, vocab = ctx.table, ctx.table.shape[0]
+        # backward runs outside autocast: logits made in bf16 under it send a bf16 gradient to a float32 input
+        grad_logits = grad_logits.to(hidden.dtype)
         grad = torch.zeros_like(hidden)
         for start in range(0, vocab, HEAD_CHUNK_ROWS):
             span = _span(start, vocab, hidden.device)

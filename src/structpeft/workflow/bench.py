@@ -34,6 +34,7 @@ from structpeft.workflow.distributed import launched_processes
 
 LR_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around a method's default learning rate
 LR_EDGE_STEP = 3.0  # how far beyond an edge of the grid a setting's extra learning rates go
+DIVERGED = "diverged"  # marks a search run whose training loss became non-finite
 QUICK_FIELDS = {"train_size": 64, "test_size": 64, "val_size": 16, "epochs": 1, "batch_size": 16, "max_length": 32}
 QUICK_GENERATIONS = 8  # --quick's ROUGE-L sample
 # Spec fields that do not change what a run computes (where it writes, how it shows progress, extra scores).
@@ -146,7 +147,8 @@ def _decoder(model: str) -> tuple[Setting, ...]:
     """Two generation tasks on a decoder: definitions (ranked by ROUGE-L of greedy completions, with the
     loss per answer token) and sentiment answered in one word (accuracy: the likelier label word).
 
-    Sized toward the budget: 15 entries that train, 5 runs each, on 2 tasks is 150 runs, and one step of
+    Sized toward the budget: 15 entries that train, 5 runs each (6 where the edge step runs), on 2 tasks is
+    150-180 runs, and one step of
     every entry on 8 rows takes about 45 s on 2 CPU cores (SmolLM2; HF C3A, SURM-LDR and HF LoHa take
     2-3x LoRA's). Each run takes 16 (definitions) and 12 (sentiment) steps of 8 rows; validation is 48
     rows, test 200 (ROUGE-L on 64 of them).
@@ -450,17 +452,28 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
 
     trains = entry.get("trains", True)
 
+    def searched(lr: float, final: bool) -> dict[str, Any]:
+        """A search run's validation scores; a run whose training loss diverged ranks last (it is not stored,
+        so a resumed bench runs it again) instead of failing the entry: high rates are what a search tries."""
+        try:
+            return one(lr, 0, final=final).get("val") or {}
+        except run.RunFailed as e:
+            if final or not isinstance(e.__cause__, FloatingPointError):
+                raise
+            print(f"  {entry['label']} lr {lr:g} diverged in training: ranked last", file=sys.stderr, flush=True)
+            return {"loss": math.inf, DIVERGED: True}
+
     def search_and_finals() -> tuple[dict, float, list[dict[str, Any]]]:
         # what trains nothing has no lr to search and scores the same with any seed
         grid = lr_grid(entry["default_lr"], options.quick or not trains, setting.lr_factors)
         # test is scored only on the runs kept: the chosen lr's search run is scored once chosen
-        val_by_lr = {lr: one(lr, 0, final=len(grid) == 1).get("val") or {} for lr in grid}
+        val_by_lr = {lr: searched(lr, final=len(grid) == 1) for lr in grid}
         chosen = choose_lr(val_by_lr) if len(grid) > 1 else grid[0]
         for _ in range(setting.lr_edge_steps if len(grid) > 1 else 0):
             beyond = beyond_edge(sorted(val_by_lr), chosen)
             if beyond is None:
                 break
-            val_by_lr[beyond] = one(beyond, 0, final=False).get("val") or {}
+            val_by_lr[beyond] = searched(beyond, final=False)
             chosen = choose_lr(val_by_lr)
         return val_by_lr, chosen, [one(chosen, seed) for seed in range(options.seeds if trains else 1)]
 
@@ -481,7 +494,10 @@ def run_entry(runner: Runner, suite: Suite, setting: Setting, entry: dict[str, A
     memory = [r.get("peak_cuda_mib") or r.get("peak_rss_mib") for r in finals]
     return {
         **entry,
-        "lr_grid": {f"{lr:g}": val.get("accuracy", val.get("loss")) for lr, val in sorted(val_by_lr.items())},
+        "lr_grid": {  # the validation score of each rate tried (None: diverged in training)
+            f"{lr:g}": None if val.get(DIVERGED) else val.get("accuracy", val.get("loss"))
+            for lr, val in sorted(val_by_lr.items())
+        },
         "lr": chosen,
         "trainable_params": finals[0]["trainable_params"],
         "metric": headline(setting),
