@@ -68,6 +68,12 @@ def test_choose_lr_takes_the_best_validation_accuracy_then_loss() -> None:
     assert bench.lr_grid(1e-3, quick=True) == [1e-3]
 
 
+def _lora_entry(default_lr: float) -> dict:
+    """A planned entry as run_entry takes it: LoRA with no size settings."""
+    return {"label": "lora", "method": "lora", "budget": None, "settings": {}, "adapter_params": 1,
+            "default_lr": default_lr, "budget_target": None}  # fmt: skip
+
+
 def _fake_runs(val_of_lr) -> tuple:
     """A finetune whose validation scores are ``val_of_lr(lr)``, test accuracy the lr; and its test scorer."""
 
@@ -128,8 +134,7 @@ def test_a_best_lr_at_the_grid_edge_earns_more_beyond_it_on_validation(tiny, tmp
 
     fake, score_test = _fake_runs(lambda lr: {"loss": abs(math.log(lr / best))})
     setting = dataclasses.replace(tiny.settings[0], lr_factors=(1.0, 3.0), lr_edge_steps=steps)
-    entry = {"label": "lora", "method": "lora", "budget": None, "settings": {}, "adapter_params": 1,
-             "default_lr": 1e-2, "budget_target": None}  # fmt: skip
+    entry = _lora_entry(default_lr=1e-2)
     runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=fake, score_test=score_test)
     row = bench.run_entry(runner, tiny, setting, entry)
     assert row["lr"] == pytest.approx(chosen)
@@ -150,8 +155,7 @@ def test_a_search_run_whose_training_diverges_ranks_last_and_other_failures_fail
         return fake(spec)
 
     setting = dataclasses.replace(tiny.settings[0], lr_factors=(1.0, 3.0), lr_edge_steps=2)
-    entry = {"label": "lora", "method": "lora", "budget": None, "settings": {}, "adapter_params": 1,
-             "default_lr": 1e-2, "budget_target": None}  # fmt: skip
+    entry = _lora_entry(default_lr=1e-2)
     runner = bench.Runner(bench.Options(seeds=2, out=tmp_path), finetune=diverging, score_test=score_test)
     row = bench.run_entry(runner, tiny, setting, entry)
     if isinstance(cause, FloatingPointError):

@@ -45,7 +45,6 @@ METRICS = {
     "rougeL": ("ROUGE-L", 100, 2),
     "loss": ("test loss", 1, 4),
 }
-LOWER_IS_BETTER = {"loss", "perplexity"}
 PLAN_FILE, STORE_FILE, RESULTS_FILE, LEADERBOARD_FILE = "plan.json", "results.jsonl", "results.json", "leaderboard.md"
 
 
@@ -659,7 +658,7 @@ def _scores(row: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def _rank(row: dict[str, Any], metric: str) -> float:
     mean = _scores(row)[metric]["mean"]
-    return mean if metric in LOWER_IS_BETTER else -mean
+    return mean if metric in results.LOWER_IS_BETTER else -mean
 
 
 def _shown_score(row: dict[str, Any], metric: str) -> str:

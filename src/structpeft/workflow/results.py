@@ -82,7 +82,7 @@ def headline(row: dict[str, Any]) -> tuple[str, float | None]:
     return "-", None
 
 
-LOWER_IS_BETTER = {"perplexity"}
+LOWER_IS_BETTER = {"loss", "perplexity"}  # metrics ranked lowest first, here and by the bench
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -116,16 +116,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
 
-    def rank(s: dict[str, Any]) -> tuple:
-        if s["mean"] is None:
-            return (str(s["model"]), str(s["task"]), s["metric"], 1, 0.0)
-        return (
-            str(s["model"]),
-            str(s["task"]),
-            s["metric"],
-            0,
-            s["mean"] * (1 if s["metric"] in LOWER_IS_BETTER else -1),
-        )
+    def rank(s: dict[str, Any]) -> tuple:  # within a model, task and metric: the best first, unscored last
+        sign = 1 if s["metric"] in LOWER_IS_BETTER else -1
+        return (str(s["model"]), str(s["task"]), s["metric"], s["mean"] is None, sign * (s["mean"] or 0.0))
 
     return sorted(out, key=rank)
 
