@@ -150,3 +150,34 @@ def test_fft_products_run_in_float32_and_cast_back(dtype) -> None:
     expected = S.ldr_fft_matmul(g_low, h_low, many)
     assert expected.dtype == torch.float32
     assert torch.allclose(S.ldr_matmul(g_low, h_low, many), expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(3, 4, 8), (1, 4, 8), (3, 1, 8), (1, 1, 9)])
+def test_block_circulant_gradient_of_one_input(grid) -> None:
+    """The written-out backward with only one input needing a gradient (a frozen grid, or the first
+    layer's input) gives that gradient alone, equal to the dense matrix's."""
+    q, p, b = grid
+    c, x = params(3, grid, (5, p * b))
+    w = torch.randn(5, q * b, dtype=torch.float64)
+    for wanted, frozen in ((c, x), (x, c)):
+        frozen.requires_grad_(False)
+        (fast,) = torch.autograd.grad((S.block_circulant_matmul(c, x) * w).sum(), wanted)
+        (dense,) = torch.autograd.grad((x @ S.block_circulant_dense(c).T * w).sum(), wanted)
+        assert torch.allclose(fast, dense, atol=1e-9, rtol=1e-9)
+        frozen.requires_grad_(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_circulant_low_precision_input(dtype) -> None:
+    """A low-precision input against float32 columns: computed in float32, cast back, gradients in each
+    input's own dtype."""
+    c = torch.randn(2, 3, 8, requires_grad=True)
+    x = torch.randn(4, 24).to(dtype).requires_grad_(True)
+    y = S.block_circulant_matmul(c, x)
+    assert y.dtype == dtype
+    expected = x.float() @ S.block_circulant_dense(c).T
+    assert torch.allclose(y.float(), expected, atol=0.1, rtol=0.05)
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and c.grad.dtype == torch.float32
+    (dense_c,) = torch.autograd.grad(expected.sum(), c)
+    assert torch.allclose(c.grad, dense_c, atol=1e-4, rtol=1e-4)

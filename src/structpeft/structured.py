@@ -53,27 +53,83 @@ def circulant_dense(c: torch.Tensor) -> torch.Tensor:
 # -- block-circulant: a (q x p) grid of b x b circulants, (q·b, p·b), q·p·b parameters --------------
 
 
+def _grid_product(x_spectrum: torch.Tensor, c_spectrum: torch.Tensor, frequency_major: bool) -> torch.Tensor:
+    """Per frequency, (N, p) spectra times a (p, q) grid of block spectra.
+
+    frequency_major (a full grid): x (f, N, p), c (f, p, q) -> (f, N, q), one batched matmul on contiguous
+    operands (the einsum of the same contraction copied its strided operands one frequency at a time and
+    was 1.45x slower). Otherwise x (N, p, f), c (p, q, f) -> (N, q, f): a single row or column of blocks
+    is a broadcast product (and a sum), 2-2.5x faster on CPU than a matmul per frequency.
+    """
+    if frequency_major:
+        return torch.bmm(x_spectrum, c_spectrum)
+    if c_spectrum.shape[0] == 1:
+        return x_spectrum * c_spectrum[0]  # (N, 1, f) * (q, f)
+    return (x_spectrum * c_spectrum[:, 0]).sum(-2, keepdim=True)  # (N, p, f) * (p, f), summed over p
+
+
+class _BlockCirculantProduct(torch.autograd.Function):
+    """``y_i = Σ_j C_ij x_j`` for a (q, p) grid of b x b circulants, each block product a pointwise product of
+    spectra (:func:`_grid_product`).
+
+    The backward is written out. The adjoint of ``irfft`` is ``rfft`` with the interior bins doubled and
+    the adjoint of ``rfft`` is ``irfft`` with them halved, so the weights cancel: ``grad_x`` is the
+    conjugate-transposed grid applied to ``grad_y``'s spectra and ``grad_c`` the circular
+    cross-correlation of ``grad_y`` with ``x``, each one ``rfft`` and one ``irfft``. Autograd's own
+    backward of the same graph ran rfft's adjoint as a complex FFT of a zero-filled full spectrum and
+    resolved the conjugated operands of the complex bmm one frequency at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q, p, b = c.shape  # x: (N, p·b)
+        frequency_major = p > 1 and q > 1
+        c_spectrum = torch.fft.rfft(c).permute(2, 1, 0) if frequency_major else torch.fft.rfft(c).transpose(0, 1)
+        x_spectrum = torch.fft.rfft(x.reshape(-1, p, b))  # (N, p, f)
+        if frequency_major:  # (f, p, q) and (f, N, p)
+            c_spectrum, x_spectrum = c_spectrum.contiguous(), x_spectrum.permute(2, 0, 1).contiguous()
+        y_spectrum = _grid_product(x_spectrum, c_spectrum, frequency_major)
+        ctx.save_for_backward(c_spectrum, x_spectrum)
+        ctx.shape, ctx.frequency_major = (q, p, b), frequency_major
+        if frequency_major:
+            y_spectrum = y_spectrum.permute(1, 2, 0)  # (N, q, f)
+        return torch.fft.irfft(y_spectrum, n=b).reshape(-1, q * b)  # (N, q·b)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        c_spectrum, x_spectrum = ctx.saved_tensors
+        (q, p, b), frequency_major = ctx.shape, ctx.frequency_major
+        g_spectrum = torch.fft.rfft(grad_y.reshape(-1, q, b))  # (N, q, f)
+        if frequency_major:
+            g_spectrum = g_spectrum.permute(2, 0, 1).contiguous()  # (f, N, q)
+        grad_c = grad_x = None
+        if ctx.needs_input_grad[0]:
+            if frequency_major:  # Σ_N g conj(x), or conj(Σ_N conj(g) x): conjugate the narrower operand
+                g_rows = g_spectrum.transpose(1, 2)  # (f, q, N)
+                if p <= q:
+                    grad_c_spectrum = torch.bmm(g_rows, x_spectrum.conj_physical())  # (f, q, p)
+                else:
+                    grad_c_spectrum = torch.bmm(g_rows.conj_physical(), x_spectrum).conj()
+                grad_c_spectrum = grad_c_spectrum.permute(1, 2, 0)  # (q, p, f)
+            else:
+                grad_c_spectrum = (g_spectrum.unsqueeze(2) * x_spectrum.conj().unsqueeze(1)).sum(0)  # (q, p, f)
+            grad_c = torch.fft.irfft(grad_c_spectrum, n=b)  # (q, p, b)
+        if ctx.needs_input_grad[1]:
+            adjoint = c_spectrum.transpose(1, 2) if frequency_major else c_spectrum.transpose(0, 1)  # the grid's
+            grad_x_spectrum = _grid_product(g_spectrum, adjoint.conj_physical(), frequency_major)
+            if frequency_major:
+                grad_x_spectrum = grad_x_spectrum.permute(1, 2, 0)  # (N, p, f)
+            grad_x = torch.fft.irfft(grad_x_spectrum, n=b).reshape(-1, p * b)  # (N, p·b)
+        return grad_c, grad_x
+
+
 def block_circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """c (q, p, b) holds each block's first column; x (..., p·b) -> (..., q·b). Every block
-    product is a pointwise product of spectra, so the grid costs one FFT per input and output block."""
-    q, p, b = c.shape
-    x_spectrum = torch.fft.rfft(_fft_input(x).reshape(*x.shape[:-1], p, b))  # (..., p, f)
-    c_spectrum = torch.fft.rfft(_fft_input(c))  # (q, p, f)
-    # A single row or column of blocks is a broadcast product (and a sum): 1.3-1.6x faster on CPU,
-    # forward + backward, than the complex einsum, which only a full grid needs.
-    if p == 1:
-        spectrum = x_spectrum * c_spectrum[:, 0]  # (..., 1, f) * (q, f) -> (..., q, f)
-    elif q == 1:
-        spectrum = (x_spectrum * c_spectrum[0]).sum(-2, keepdim=True)  # (..., 1, f)
-    else:
-        # A batched matmul per frequency on contiguous operands: the einsum of the same contraction copied
-        # its strided operands one frequency at a time on CPU (about 580 small copies a step) and took
-        # 1.45x this one's time, forward + backward, at SmolLM2's MLP grid (8, 3, 192) on 512 vectors.
-        vectors = x_spectrum.reshape(-1, p, x_spectrum.shape[-1]).permute(2, 0, 1).contiguous()  # (f, N, p)
-        spectrum = torch.bmm(vectors, c_spectrum.permute(2, 1, 0).contiguous())  # (f, N, q)
-        spectrum = spectrum.permute(1, 2, 0).reshape(*x.shape[:-1], q, -1)  # (..., q, f)
-    y = torch.fft.irfft(spectrum, n=b)  # (..., q, b)
-    return y.reshape(*x.shape[:-1], q * b).to(x.dtype)
+    """c (q, p, b) holds each block's first column; x (..., p·b) -> (..., q·b). The grid costs one FFT per
+    input and output block, forward and backward."""
+    q = c.shape[0]
+    dtype = torch.promote_types(_fft_input(c).dtype, _fft_input(x).dtype)
+    y = _BlockCirculantProduct.apply(c.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))  # (N, q·b)
+    return y.reshape(*x.shape[:-1], q * c.shape[-1]).to(x.dtype)
 
 
 def block_circulant_dense(c: torch.Tensor) -> torch.Tensor:
