@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from structpeft.workflow import bench, cli, results, run
 from tests.workflow_fixtures import save_text_encoder, sentences, write_csv
@@ -453,3 +455,29 @@ def test_a_bench_process_killed_mid_way_resumes_and_the_finished_runs_are_not_re
     outs = [s.out for s in resumed.specs]
     assert not set(finished) & set(outs)
     assert len(outs) == 3 * 3 - len(finished)
+
+
+UNIT = st.floats(0.0, 1.0, allow_nan=False)
+
+
+@given(st.lists(st.tuples(UNIT, UNIT), min_size=1, max_size=20))
+def test_plot_labels_of_nearby_points_never_collide(points) -> None:
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    heights = bench.spread_labels(xs, ys)
+    assert max(heights) <= bench.LABEL_TOP + 1e-12
+    for i in range(len(points)):
+        for j in range(i + 1, len(points)):
+            if abs(xs[i] - xs[j]) < bench.LABEL_REACH:
+                assert abs(heights[i] - heights[j]) >= bench.LABEL_GAP - 1e-9
+                if ys[i] != ys[j]:  # the labels keep their points' order
+                    assert (heights[i] - heights[j]) * (ys[i] - ys[j]) > 0
+
+
+def test_plot_labels_move_only_when_they_must() -> None:
+    # Two far apart in x keep their heights; two close ones separate, the lower one staying put.
+    assert bench.spread_labels([0.1, 0.9], [0.5, 0.5]) == [0.5, 0.5]
+    assert bench.spread_labels([0.5, 0.55], [0.3, 0.31]) == pytest.approx([0.3, 0.3 + bench.LABEL_GAP])
+    # At the top the higher label is held at LABEL_TOP and the lower one pushed down below it.
+    assert bench.spread_labels([0.5, 0.5], [0.99, 0.98]) == pytest.approx(
+        [bench.LABEL_TOP, bench.LABEL_TOP - bench.LABEL_GAP]
+    )
