@@ -463,21 +463,21 @@ UNIT = st.floats(0.0, 1.0, allow_nan=False)
 @given(st.lists(st.tuples(UNIT, UNIT), min_size=1, max_size=20))
 def test_plot_labels_of_nearby_points_never_collide(points) -> None:
     xs, ys = [x for x, _ in points], [y for _, y in points]
-    heights = bench.spread_labels(xs, ys)
-    assert max(heights) <= bench.LABEL_TOP + 1e-12
+    heights = results.spread_labels(xs, ys)
+    assert max(heights) <= results.LABEL_TOP + 1e-12
     for i in range(len(points)):
         for j in range(i + 1, len(points)):
-            if abs(xs[i] - xs[j]) < bench.LABEL_REACH:
-                assert abs(heights[i] - heights[j]) >= bench.LABEL_GAP - 1e-9
+            if abs(xs[i] - xs[j]) < results.LABEL_REACH:
+                assert abs(heights[i] - heights[j]) >= results.LABEL_GAP - 1e-9
                 if ys[i] != ys[j]:  # the labels keep their points' order
                     assert (heights[i] - heights[j]) * (ys[i] - ys[j]) > 0
 
 
 def test_plot_labels_move_only_when_they_must() -> None:
     # Two far apart in x keep their heights; two close ones separate, the lower one staying put.
-    assert bench.spread_labels([0.1, 0.9], [0.5, 0.5]) == [0.5, 0.5]
-    assert bench.spread_labels([0.5, 0.55], [0.3, 0.31]) == pytest.approx([0.3, 0.3 + bench.LABEL_GAP])
+    assert results.spread_labels([0.1, 0.9], [0.5, 0.5]) == [0.5, 0.5]
+    assert results.spread_labels([0.5, 0.55], [0.3, 0.31]) == pytest.approx([0.3, 0.3 + results.LABEL_GAP])
     # At the top the higher label is held at LABEL_TOP and the lower one pushed down below it.
-    assert bench.spread_labels([0.5, 0.5], [0.99, 0.98]) == pytest.approx(
-        [bench.LABEL_TOP, bench.LABEL_TOP - bench.LABEL_GAP]
+    assert results.spread_labels([0.5, 0.5], [0.99, 0.98]) == pytest.approx(
+        [results.LABEL_TOP, results.LABEL_TOP - results.LABEL_GAP]
     )

@@ -347,6 +347,26 @@ def test_report_ranks_each_metric_apart_and_a_lower_perplexity_first() -> None:
     ]
 
 
+def test_report_keeps_two_sizes_of_one_method_apart() -> None:
+    from structpeft.workflow import results
+
+    def row(params: int, seed: int, accuracy: float) -> dict:
+        test = {"accuracy": accuracy}
+        return {
+            "model": "m",
+            "task": "t",
+            "method": "lora",
+            "lr": 1e-3,
+            "seed": seed,
+            "trainable_params": params,
+            "test": test,
+        }
+
+    rows = [row(100, 0, 0.5), row(100, 1, 0.7), row(400, 0, 0.9)]
+    summary = [(s["params"], s["mean"], s["runs"]) for s in results.summarise(rows)]
+    assert summary == [(400, pytest.approx(90.0), 1), (100, pytest.approx(60.0), 2)]
+
+
 def test_a_failure_after_training_started_writes_what_it_has(assets, tmp_path, capsys, monkeypatch) -> None:
     import structpeft.workflow.run as run
 

@@ -666,39 +666,10 @@ def _shown_score(row: dict[str, Any], metric: str) -> str:
     return f"{score['mean']:.{decimals}f} ± {score['std']:.{decimals}f}"
 
 
-LABEL_GAP = 0.04  # axes fraction between two labels' baselines: a 7-point label on a 4.5-inch panel
-LABEL_REACH = 0.18  # axes fraction: points closer than this in x can have colliding labels
-LABEL_TOP = 0.97  # axes fraction: the highest label's baseline, clear of the panel's title
-
-
-def spread_labels(
-    xs: list[float], ys: list[float], gap: float = LABEL_GAP, reach: float = LABEL_REACH, top: float = LABEL_TOP
-) -> list[float]:
-    """Label heights (axes fractions) for points at ``(xs, ys)`` (axes fractions): each label starts at its
-    point's height, and labels of points within ``reach`` of each other in x are pushed apart to ``gap``,
-    in the points' own order, and pushed down from ``top`` where they would pass it."""
-    heights = list(ys)
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    clusters: list[list[int]] = []
-    for i in order:
-        if clusters and xs[i] - xs[clusters[-1][-1]] < reach:
-            clusters[-1].append(i)
-        else:
-            clusters.append([i])
-    for cluster in clusters:
-        cluster.sort(key=lambda i: ys[i])
-        for below, above in zip(cluster, cluster[1:]):
-            heights[above] = max(ys[above], heights[below] + gap)
-        heights[cluster[-1]] = min(heights[cluster[-1]], top)  # over the top: push down only what must move
-        for above, below in zip(cluster[::-1], cluster[-2::-1]):
-            heights[below] = min(heights[below], heights[above] - gap)
-    return heights
-
-
 def plot_suite(name: str, suite: dict[str, Any], x_key: str, x_label: str, path: Path) -> None:
     """One panel per setting: its headline test score (mean ± std) against ``x_key``, log scale; what
     trains nothing (zero-shot) is a dashed line. Labels of nearby points are spread apart
-    (:func:`spread_labels`), each joined to its point by a thin line."""
+    (:func:`results.label_points`)."""
     plt = results._pyplot()
     panels = list(suite["settings"].items())
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
@@ -720,20 +691,7 @@ def plot_suite(name: str, suite: dict[str, Any], x_key: str, x_label: str, path:
         ax.set_xscale("log")
         ax.set(xlabel=x_label, ylabel=f"test {METRICS[metric][0]}", title=f"{name}: {setting_name}")
         ax.grid(alpha=0.3)
-        if points:
-            (x_low, x_high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()  # after autoscaling to the points
-            xs = [(math.log(x) - math.log(x_low)) / (math.log(x_high) - math.log(x_low)) for x, _, _ in points]
-            ys = [(y - y_low) / (y_high - y_low) for _, y, _ in points]
-            for (x, y, label), x_frac, height in zip(points, xs, spread_labels(xs, ys)):
-                ax.annotate(
-                    label,
-                    (x, y),
-                    xytext=(x_frac + 0.015, height),
-                    textcoords="axes fraction",
-                    va="center",
-                    fontsize=7,
-                    arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "grey", "shrinkA": 0, "shrinkB": 3},
-                )
+        results.label_points(ax, points)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

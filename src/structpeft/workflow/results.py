@@ -4,6 +4,7 @@ report over it: a table and an accuracy-vs-parameters plot, grouped by model and
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -86,7 +87,9 @@ LOWER_IS_BETTER = {"loss", "perplexity"}  # metrics ranked lowest first, here an
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per setting (model, task, method, size, lr) and headline metric: its mean and std over seeds.
+    """One row per setting (model, task, method, adapter size, train size, lr) and headline metric: its mean
+    and std over seeds. Two sizes of one method (LoRA r=2 and r=8) are two settings, told apart by their
+    trainable parameter counts.
 
     Ranked within each model, task and metric, best first (a lower perplexity is better); a store that
     holds both ROUGE-L and perplexity runs of a task shows them as two rankings, never one."""
@@ -95,10 +98,10 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row.get("status", "finished") != "finished":
             continue
         metric, value = headline(row)
-        key = (row.get("model"), row.get("task"), row.get("method"), row.get("train_examples"), row.get("lr"))
-        groups[(*key, metric)].append((row, value))
+        key = (row.get("model"), row.get("task"), row.get("method"), row.get("trainable_params"))
+        groups[(*key, row.get("train_examples"), row.get("lr"), metric)].append((row, value))
     out = []
-    for (model, task, method, n_train, lr, metric), runs in groups.items():
+    for (model, task, method, params, n_train, lr, metric), runs in groups.items():
         values = [v for _, v in runs if v is not None]  # a search run may have no test score
         out.append(
             {
@@ -111,7 +114,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "metric": metric,
                 "mean": statistics.mean(values) if values else None,
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "params": runs[0][0].get("trainable_params"),
+                "params": params,
                 "step_ms": statistics.mean(r.get("step_time_ms") or 0 for r, _ in runs),
             }
         )
@@ -155,6 +158,55 @@ def _pyplot():
     return plt
 
 
+LABEL_GAP = 0.04  # axes fraction between two labels' baselines: a 7-point label on a 4.5-inch panel
+LABEL_REACH = 0.18  # axes fraction: points closer than this in x can have colliding labels
+LABEL_TOP = 0.97  # axes fraction: the highest label's baseline, clear of the panel's title
+
+
+def spread_labels(
+    xs: list[float], ys: list[float], gap: float = LABEL_GAP, reach: float = LABEL_REACH, top: float = LABEL_TOP
+) -> list[float]:
+    """Label heights (axes fractions) for points at ``(xs, ys)`` (axes fractions): each label starts at its
+    point's height, and labels of points within ``reach`` of each other in x are pushed apart to ``gap``,
+    in the points' own order, and pushed down from ``top`` where they would pass it."""
+    heights = list(ys)
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    clusters: list[list[int]] = []
+    for i in order:
+        if clusters and xs[i] - xs[clusters[-1][-1]] < reach:
+            clusters[-1].append(i)
+        else:
+            clusters.append([i])
+    for cluster in clusters:
+        cluster.sort(key=lambda i: ys[i])
+        for below, above in zip(cluster, cluster[1:]):
+            heights[above] = max(ys[above], heights[below] + gap)
+        heights[cluster[-1]] = min(heights[cluster[-1]], top)  # over the top: push down only what must move
+        for above, below in zip(cluster[::-1], cluster[-2::-1]):
+            heights[below] = min(heights[below], heights[above] - gap)
+    return heights
+
+
+def label_points(ax, points: list[tuple[float, float, str]]) -> None:
+    """Name each ``(x, y, label)`` point of a panel with a log x axis, labels of nearby points spread apart
+    (:func:`spread_labels`) and joined to their points by a thin line. Call after plotting the points."""
+    if not points:
+        return
+    (x_low, x_high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()  # autoscaled to the points
+    xs = [(math.log(x) - math.log(x_low)) / (math.log(x_high) - math.log(x_low)) for x, _, _ in points]
+    ys = [(y - y_low) / (y_high - y_low) for _, y, _ in points]
+    for (x, y, label), x_frac, height in zip(points, xs, spread_labels(xs, ys)):
+        ax.annotate(
+            label,
+            (x, y),
+            xytext=(x_frac + 0.015, height),
+            textcoords="axes fraction",
+            va="center",
+            fontsize=7,
+            arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "grey", "shrinkA": 0, "shrinkB": 3},
+        )
+
+
 def plot_metric_vs_params(rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per (model, task, metric): the headline metric against trainable parameters (log scale)."""
     plt = _pyplot()
@@ -164,13 +216,13 @@ def plot_metric_vs_params(rows: list[dict[str, Any]], path: Path) -> None:
         raise ValueError("no finished run with a test metric to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (model, task, metric) in zip(axes[0], panels):
+        points = []
         for s in (s for s in summary if (str(s["model"]), str(s["task"]), s["metric"]) == (model, task, metric)):
             ax.errorbar(s["params"], s["mean"], yerr=s["std"], fmt="o", capsize=3)
-            ax.annotate(
-                str(s["method"]), (s["params"], s["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8
-            )
+            points.append((s["params"], s["mean"], str(s["method"])))
         ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else ""))
         ax.set_xscale("log")
+        label_points(ax, points)
         ax.set_xlabel("trainable parameters")
         ax.set_title(f"{model} on {task}")
         ax.grid(alpha=0.3)
