@@ -270,6 +270,17 @@ def test_frozen_batch_norms_keep_their_statistics_and_trainable_ones_update() ->
     assert torch.all(frozen.running_mean == 0) and torch.all(trained.running_mean != 0)
 
 
+def test_ddp_broadcasts_buffers_only_where_a_forward_writes_them() -> None:
+    from torch import nn
+
+    from structpeft.workflow.train import buffers_change_in_forward
+
+    frozen_norm = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3).requires_grad_(False))
+    assert not buffers_change_in_forward(frozen_norm)  # train_mode keeps its statistics
+    assert buffers_change_in_forward(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    assert not buffers_change_in_forward(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False)))
+
+
 @pytest.mark.parametrize("decoder", ["gpt2", "llama"])
 def test_causal_lm_fine_tune_and_generate(assets, tmp_path, capsys, decoder) -> None:
     code, metrics = finetune(
