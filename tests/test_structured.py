@@ -152,32 +152,50 @@ def test_fft_products_run_in_float32_and_cast_back(dtype) -> None:
     assert torch.allclose(S.ldr_matmul(g_low, h_low, many), expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("grid", [(3, 4, 8), (1, 4, 8), (3, 1, 8), (1, 1, 9)])
+@pytest.mark.parametrize("grid", [(3, 4, 8), (4, 3, 7), (1, 4, 8), (3, 1, 8), (1, 1, 9)])
 def test_block_circulant_gradient_of_one_input(grid) -> None:
     """The written-out backward with only one input needing a gradient (a frozen grid, or the first
-    layer's input) gives that gradient alone, equal to the dense matrix's."""
+    layer's input) gives that gradient, equal to the dense matrix's (each saves only what its gradient reads)."""
     q, p, b = grid
     c, x = params(3, grid, (5, p * b))
     w = torch.randn(5, q * b, dtype=torch.float64)
     for wanted, frozen in ((c, x), (x, c)):
-        frozen.requires_grad_(False)
-        (fast,) = torch.autograd.grad((S.block_circulant_matmul(c, x) * w).sum(), wanted)
-        (dense,) = torch.autograd.grad((x @ S.block_circulant_dense(c).T * w).sum(), wanted)
+        frozen = frozen.detach()
+        inputs = (wanted, frozen) if wanted is c else (frozen, wanted)
+        y = S.block_circulant_matmul(*inputs)
+        (fast,) = torch.autograd.grad((y * w).sum(), wanted)
+        (dense,) = torch.autograd.grad((inputs[1] @ S.block_circulant_dense(inputs[0]).T * w).sum(), wanted)
         assert torch.allclose(fast, dense, atol=1e-9, rtol=1e-9)
-        frozen.requires_grad_(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_block_circulant_low_precision_input(dtype) -> None:
     """A low-precision input against float32 columns: computed in float32, cast back, gradients in each
-    input's own dtype."""
+    input's own dtype and equal to the dense product's."""
     c = torch.randn(2, 3, 8, requires_grad=True)
     x = torch.randn(4, 24).to(dtype).requires_grad_(True)
     y = S.block_circulant_matmul(c, x)
     assert y.dtype == dtype
-    expected = x.float() @ S.block_circulant_dense(c).T
+    x32 = x.detach().float().requires_grad_(True)
+    expected = x32 @ S.block_circulant_dense(c).T
     assert torch.allclose(y.float(), expected, atol=0.1, rtol=0.05)
     y.float().sum().backward()
     assert x.grad.dtype == dtype and c.grad.dtype == torch.float32
-    (dense_c,) = torch.autograd.grad(expected.sum(), c)
+    dense_c, dense_x = torch.autograd.grad(expected.sum(), (c, x32))
     assert torch.allclose(c.grad, dense_c, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(x.grad.float(), dense_x, atol=0.05, rtol=0.02)
+
+
+def test_block_circulant_second_order_is_an_error_and_torch_func_works() -> None:
+    """The backward is once differentiable: a second-order gradient raises rather than coming out wrong.
+    torch.func still transforms the product (grad and vmap against the dense matrix)."""
+    c, x = params(5, (3, 4, 8), (6, 32))
+    (grad_x,) = torch.autograd.grad(S.block_circulant_matmul(c, x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.pow(2).sum().backward()
+    c, x = c.detach(), x.detach()
+    fast = torch.func.grad(lambda c: S.block_circulant_matmul(c, x).pow(2).sum())(c)
+    dense = torch.func.grad(lambda c: (x @ S.block_circulant_dense(c).T).pow(2).sum())(c)
+    assert torch.allclose(fast, dense, atol=1e-9, rtol=1e-9)
+    batched = torch.vmap(lambda row: S.block_circulant_matmul(c, row))(x)
+    assert torch.allclose(batched, x @ S.block_circulant_dense(c).T, atol=1e-9)

@@ -16,6 +16,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 
@@ -72,16 +73,22 @@ class _BlockCirculantProduct(torch.autograd.Function):
     """``y_i = Σ_j C_ij x_j`` for a (q, p) grid of b x b circulants, each block product a pointwise product of
     spectra (:func:`_grid_product`).
 
-    The backward is written out. The adjoint of ``irfft`` is ``rfft`` with the interior bins doubled and
-    the adjoint of ``rfft`` is ``irfft`` with them halved, so the weights cancel: ``grad_x`` is the
-    conjugate-transposed grid applied to ``grad_y``'s spectra and ``grad_c`` the circular
-    cross-correlation of ``grad_y`` with ``x``, each one ``rfft`` and one ``irfft``. Autograd's own
-    backward of the same graph ran rfft's adjoint as a complex FFT of a zero-filled full spectrum and
-    resolved the conjugated operands of the complex bmm one frequency at a time.
+    The backward is written out. The adjoint of ``irfft`` (which divides by b) is ``rfft`` with the interior
+    bins doubled, over b; the adjoint of ``rfft`` is ``irfft`` with them halved, times b; so the weights and
+    the factors of b cancel: ``grad_x`` is the conjugate-transposed grid applied to ``grad_y``'s spectra and
+    ``grad_c`` the circular cross-correlation of ``grad_y`` with ``x``, each one ``rfft`` and one ``irfft``.
+    Autograd's own backward of the same graph ran rfft's adjoint as a complex FFT of a zero-filled full
+    spectrum and resolved the conjugated operands of the complex bmm one frequency at a time.
+
+    The spectra are extra outputs (not differentiable) so that the backward reuses them and ``torch.func``
+    can still transform the function; the backward is once differentiable (a second-order gradient is an
+    error, not a silently wrong number).
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, p, b = c.shape  # x: (N, p·b)
         frequency_major = p > 1 and q > 1
         c_spectrum = torch.fft.rfft(c).permute(2, 1, 0) if frequency_major else torch.fft.rfft(c).transpose(0, 1)
@@ -89,14 +96,24 @@ class _BlockCirculantProduct(torch.autograd.Function):
         if frequency_major:  # (f, p, q) and (f, N, p)
             c_spectrum, x_spectrum = c_spectrum.contiguous(), x_spectrum.permute(2, 0, 1).contiguous()
         y_spectrum = _grid_product(x_spectrum, c_spectrum, frequency_major)
-        ctx.save_for_backward(c_spectrum, x_spectrum)
-        ctx.shape, ctx.frequency_major = (q, p, b), frequency_major
         if frequency_major:
             y_spectrum = y_spectrum.permute(1, 2, 0)  # (N, q, f)
-        return torch.fft.irfft(y_spectrum, n=b).reshape(-1, q * b)  # (N, q·b)
+        return torch.fft.irfft(y_spectrum, n=b).reshape(-1, q * b), c_spectrum, x_spectrum  # y: (N, q·b)
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def setup_context(ctx, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, ...]) -> None:
+        c, _ = inputs
+        _, c_spectrum, x_spectrum = output
+        ctx.mark_non_differentiable(c_spectrum, x_spectrum)
+        needs_c, needs_x = ctx.needs_input_grad
+        # grad_c needs x's spectra, grad_x the grid's: keep only what a wanted gradient reads.
+        ctx.save_for_backward(c_spectrum if needs_x else None, x_spectrum if needs_c else None)
+        q, p, b = c.shape
+        ctx.shape, ctx.frequency_major = (q, p, b), p > 1 and q > 1
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor, *_: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         c_spectrum, x_spectrum = ctx.saved_tensors
         (q, p, b), frequency_major = ctx.shape, ctx.frequency_major
         g_spectrum = torch.fft.rfft(grad_y.reshape(-1, q, b))  # (N, q, f)
@@ -123,12 +140,16 @@ class _BlockCirculantProduct(torch.autograd.Function):
         return grad_c, grad_x
 
 
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def block_circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """c (q, p, b) holds each block's first column; x (..., p·b) -> (..., q·b). The grid costs one FFT per
     input and output block, forward and backward."""
     q = c.shape[0]
-    dtype = torch.promote_types(_fft_input(c).dtype, _fft_input(x).dtype)
-    y = _BlockCirculantProduct.apply(c.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))  # (N, q·b)
+    dtype = torch.promote_types(_fft_dtype(c.dtype), _fft_dtype(x.dtype))
+    y, _, _ = _BlockCirculantProduct.apply(c.to(dtype), x.reshape(-1, x.shape[-1]).to(dtype))  # (N, q·b)
     return y.reshape(*x.shape[:-1], q * c.shape[-1]).to(x.dtype)
 
 

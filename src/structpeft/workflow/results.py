@@ -10,9 +10,12 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from structpeft.core import atomic_write_file
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 RUN_FILE, METRICS_FILE, CURVES_FILE = "run.json", "metrics.json", "curves.png"
 
@@ -159,7 +162,7 @@ def _pyplot():
 
 
 LABEL_GAP = 0.04  # axes fraction between two labels' baselines: a 7-point label on a 4.5-inch panel
-LABEL_REACH = 0.18  # axes fraction: points closer than this in x can have colliding labels
+LABEL_REACH = 0.25  # axes fraction: points closer than this in x can have colliding labels (a label's width)
 LABEL_TOP = 0.97  # axes fraction: the highest label's baseline, clear of the panel's title
 
 
@@ -168,7 +171,8 @@ def spread_labels(
 ) -> list[float]:
     """Label heights (axes fractions) for points at ``(xs, ys)`` (axes fractions): each label starts at its
     point's height, and labels of points within ``reach`` of each other in x are pushed apart to ``gap``,
-    in the points' own order, and pushed down from ``top`` where they would pass it."""
+    in the points' own order, and pushed down from ``top`` where they would pass it. A cluster too tall for
+    [0, top] at ``gap`` is packed closer, to fit."""
     heights = list(ys)
     order = sorted(range(len(xs)), key=lambda i: xs[i])
     clusters: list[list[int]] = []
@@ -179,17 +183,20 @@ def spread_labels(
             clusters.append([i])
     for cluster in clusters:
         cluster.sort(key=lambda i: ys[i])
+        spacing = min(gap, top / max(1, len(cluster) - 1))
         for below, above in zip(cluster, cluster[1:]):
-            heights[above] = max(ys[above], heights[below] + gap)
+            heights[above] = max(ys[above], heights[below] + spacing)
         heights[cluster[-1]] = min(heights[cluster[-1]], top)  # over the top: push down only what must move
         for above, below in zip(cluster[::-1], cluster[-2::-1]):
-            heights[below] = min(heights[below], heights[above] - gap)
+            heights[below] = min(heights[below], heights[above] - spacing)
     return heights
 
 
-def label_points(ax, points: list[tuple[float, float, str]]) -> None:
+def label_points(ax: Axes, points: list[tuple[float, float, str]]) -> None:
     """Name each ``(x, y, label)`` point of a panel with a log x axis, labels of nearby points spread apart
-    (:func:`spread_labels`) and joined to their points by a thin line. Call after plotting the points."""
+    (:func:`spread_labels`) and joined to their points by a thin line. Call after plotting the points;
+    points that a log axis cannot show (x <= 0, or not finite) get no label."""
+    points = [(x, y, label) for x, y, label in points if x > 0 and math.isfinite(x) and math.isfinite(y)]
     if not points:
         return
     (x_low, x_high), (y_low, y_high) = ax.get_xlim(), ax.get_ylim()  # autoscaled to the points
@@ -216,7 +223,7 @@ def plot_metric_vs_params(rows: list[dict[str, Any]], path: Path) -> None:
         raise ValueError("no finished run with a test metric to plot")
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (model, task, metric) in zip(axes[0], panels):
-        points = []
+        points: list[tuple[float, float, str]] = []
         for s in (s for s in summary if (str(s["model"]), str(s["task"]), s["metric"]) == (model, task, metric)):
             ax.errorbar(s["params"], s["mean"], yerr=s["std"], fmt="o", capsize=3)
             points.append((s["params"], s["mean"], str(s["method"])))
