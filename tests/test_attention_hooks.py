@@ -161,6 +161,63 @@ def test_a_module_that_bypasses_the_interface_raises_instead_of_dropping_alpha()
     assert interface_untouched()
 
 
+class InterfaceAttention(torch.nn.Module):
+    """Two heads through the AttentionInterface's sdpa, its projection giving (B, H, N, d) directly."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config, self.num_heads, self.num_key_value_groups, self.is_causal = config, 2, 1, False
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        query = self.proj(x)  # (B, H, N, d)
+        out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](self, query, query, query, None)
+        return out  # (B, N, H, d): the interface hands the heads back after the positions
+
+
+class DepthAttentionResidual(torch.nn.Module):
+    """Like Inkling 2's block attention residual: at each position one learned query attends over L stacked
+    states, the positions in the heads' slot. It shares a config that declares heads and sets
+    num_key_value_groups only because the interface's functions read it."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config, self.num_key_value_groups, self.is_causal = config, 1, False
+        self.query = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, N, L, d), L states stacked per position
+        query = self.query.expand(*x.shape[:-2], 1, -1)  # (B, N, 1, d): N in the heads' slot
+        out, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](self, query, x, x, None)  # (B, 1, N, d)
+        return out.squeeze(1)  # (B, N, d)
+
+
+def test_attention_over_something_other_than_heads_is_not_a_coeff_target() -> None:
+    from transformers import PretrainedConfig
+
+    from structpeft.attention import is_attention_module
+
+    config = PretrainedConfig(num_attention_heads=4)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = torch.nn.ModuleDict({"attention": InterfaceAttention(config), "residual": DepthAttentionResidual(config)})
+    assert is_attention_module(base["attention"]) and not is_attention_module(base["residual"])
+
+    class Stack(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = base
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.blocks["residual"](self.blocks["attention"](x))
+
+    model = Stack().eval()
+    x = torch.randn(1, 2, 3, 4)  # (B, H, N, d)
+    expected = model(x)
+    adapted = sp.get_peft_model(model, sp.CoeffConfig(init_weights=False, dropout=0.0))
+    assert [name for name, _ in adapted.adapter_hosts()] == ["blocks.attention"]
+    assert not torch.allclose(adapted(x), expected, atol=1e-4)  # the two heads mixed, the residual left alone
+
+
 @pytest.mark.parametrize("switch", ["set_attn_implementation", "by_hand"])
 def test_changing_the_implementation_of_a_hooked_model_keeps_the_mixing(switch: str) -> None:
     model = coeff(LLAMA, "sdpa")

@@ -47,8 +47,11 @@ from structpeft.core.targets import get_submodule, is_linear, named_modules, unw
 
 _HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 # A config's head count says nothing of a module that shares the config but has no heads (an MLP):
-# it counts for modules that also carry a per-head attribute of their own.
-_PER_HEAD_ATTRIBUTES = ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim", "num_key_value_groups")
+# it counts for modules that also carry a per-head attribute of their own. Not ``num_key_value_groups``:
+# transformers' eager attention reads it from any module that calls it, so a module that uses attention
+# across something other than heads sets it too (Inkling 2's block attention residual attends over the
+# depth, with the positions in the heads' slot).
+_PER_HEAD_ATTRIBUTES = ("head_dim", "head_size", "attention_head_size", "key_value_proj_dim")
 _NAME_ROLES = {"query": {"q", "query", "wq"}, "key": {"k", "key", "wk"}, "value": {"v", "value", "wv"}}
 _PROBE_TOKENS = 2
 _MAX_DEPTH = 2  # BERT's block holds ``self.query`` and ``output.dense``

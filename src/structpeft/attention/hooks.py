@@ -93,10 +93,14 @@ def head_mixing(mixers: list[HeadMixer], heads: int, module: nn.Module) -> torch
 # -- which modules can be hooked ------------------------------------------------------------
 def is_attention_module(module: nn.Module) -> bool:
     """True for modules whose head maps a :class:`HeadMixer` can reach: ``nn.MultiheadAttention``,
-    transformers modules that call the AttentionInterface, and modules that take their maps' softmax
-    in their own code (found by running them once: :func:`~structpeft.attention.anatomy.forms_own_maps`)."""
-    if isinstance(module, nn.MultiheadAttention) or routes_through_interface(module):
+    transformers modules that call the AttentionInterface and declare their heads, and modules that take
+    their maps' softmax in their own code (found by running them once:
+    :func:`~structpeft.attention.anatomy.forms_own_maps`). A module that calls the interface with no heads
+    (Inkling 2's block attention residual attends over the depth, per position) is not head attention."""
+    if isinstance(module, nn.MultiheadAttention):
         return True
+    if routes_through_interface(module):
+        return declared_heads(module) is not None
     return forms_own_maps(module) is True
 
 
