@@ -64,6 +64,11 @@ def test_choose_lr_takes_the_best_validation_accuracy_then_loss() -> None:
         3e-4: {"accuracy": 0.8, "loss": 0.4},
     }
     assert bench.choose_lr(val) == 3e-4
+    # By loss alone, a rate one row better in accuracy but under-trained loses.
+    val[1e-4] = {"accuracy": 0.9, "loss": 0.8}
+    assert bench.choose_lr(val) == 1e-4 and bench.choose_lr(val, by="loss") == 3e-4
+    with pytest.raises(ValueError, match="choose_by"):
+        bench.choose_lr(val, by="rougeL")
     with pytest.raises(ValueError, match="no validation score"):
         bench.choose_lr({1e-3: {}, 3e-3: {"accuracy": 0.5, "loss": 1.0}})
     assert bench.lr_grid(1e-3, quick=False) == [0.000333, 1e-3, 0.003]
