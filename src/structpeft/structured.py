@@ -20,8 +20,12 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _fft_input(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.to(_fft_dtype(x.dtype))
 
 
 def _circular_convolve(a: torch.Tensor, x: torch.Tensor, length: int) -> torch.Tensor:
@@ -138,10 +142,6 @@ class _BlockCirculantProduct(torch.autograd.Function):
                 grad_x_spectrum = grad_x_spectrum.permute(1, 2, 0)  # (N, p, f)
             grad_x = torch.fft.irfft(grad_x_spectrum, n=b).reshape(-1, p * b)  # (N, p·b)
         return grad_c, grad_x
-
-
-def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def block_circulant_matmul(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -168,6 +168,7 @@ def _decoder(model: str) -> tuple[Setting, ...]:
         "test_size": 200,
         "lr_factors": (1.0, 3.0, 9.0),
         "lr_edge_steps": 1,
+        "choose_by": "loss",
     }
     return (
         Setting(
@@ -176,7 +177,7 @@ def _decoder(model: str) -> tuple[Setting, ...]:
         ),
         Setting(
             f"{model}/sentiment", task="rotten-tomatoes-generation", train_size=96, max_length=128,
-            quick_max_length=128, metrics=("accuracy", "loss"), choose_by="loss", **common,
+            quick_max_length=128, metrics=("accuracy", "loss"), **common,
         ),
     )  # fmt: skip
 
