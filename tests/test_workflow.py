@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from structpeft.workflow.cli import main
+from structpeft.workflow.cli import main, make_parser
+from structpeft.workflow.tasks import PRESETS
 from structpeft.workflow.train import peak_memory_mib, recompute_batch_norm_statistics, reset_peak_memory
 from tests import workflow_fixtures as fx
 
@@ -540,3 +541,11 @@ def sp_all() -> list[str]:
     import structpeft
 
     return list(structpeft.__all__)
+
+
+def test_finetune_help_names_every_task_preset(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap the help, breaking names at their hyphens
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["finetune", "--help"])
+    shown = capsys.readouterr().out
+    assert all(name in shown for name in PRESETS), shown

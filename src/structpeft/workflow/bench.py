@@ -149,11 +149,11 @@ def _decoder(model: str) -> tuple[Setting, ...]:
     """Two generation tasks on a decoder: definitions (ranked by ROUGE-L of greedy completions, with the
     loss per answer token) and sentiment answered in one word (accuracy: the likelier label word).
 
-    Sized toward the budget: 15 entries that train, 5 runs each (6 where the edge step runs), on 2 tasks is
-    150-180 runs, and one step of
-    every entry on 8 rows takes about 45 s on 2 CPU cores (SmolLM2; HF C3A, SURM-LDR and HF LoHa take
-    2-3x LoRA's). Each run takes 16 (definitions) and 12 (sentiment) steps of 8 rows; validation is 48
-    rows, test 200 (ROUGE-L on 64 of them).
+    Sized toward a 2-hour budget that it does not meet on 2 CPU cores: 15 entries that train, 5 runs each (6
+    where the edge step runs), on 2 tasks is 150-180 runs, and one step of every entry on 8 rows takes about
+    a minute (SmolLM2; in ``--quick`` HF C3A's step is 3-4x LoRA's and SURM-LDR rank 6's about 7x). Each run
+    takes 16 (definitions) and 12 (sentiment) steps of 8 rows; validation is 48 rows, test 200 (ROUGE-L on 64
+    of them). Fewer steps would fit the budget and train too little to tell the methods apart.
 
     The learning rates: the decoder defaults were set on 63 steps of 16 rows, and on these 16 steps of 8 every
     entry of a first full run chose the top of the default × (1/3, 1, 3) grid; here the grid is the default ×

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from structpeft.workflow import recipes
+from structpeft.workflow import recipes, tasks
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -43,7 +43,7 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default="rotten-tomatoes",
-        help="a preset (rotten-tomatoes, fashion-mnist, mnist-5k), "
+        help=f"a preset ({', '.join(tasks.PRESETS)}), "
         "a CSV / JSONL / Parquet file, an image folder, or a save_to_disk folder",
     )
     p.add_argument(
