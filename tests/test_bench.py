@@ -178,6 +178,33 @@ def test_a_diverged_search_run_ranks_last() -> None:
     assert bench.beyond_edge([1e-3, 3e-3, 9e-3], 3e-3) is None
 
 
+@pytest.mark.parametrize(
+    ("own", "line"),
+    [
+        ({}, None),  # the suite's grid and choice: no line of its own
+        ({"choose_by": "loss"}, "the default × 0.333, 1, 3, chosen by the lowest validation loss"),
+        ({"lr_factors": [1.0, 3.0, 9.0], "lr_edge_steps": 1}, "the default × 1, 3, 9; a best lr at an edge"),
+    ],
+)
+def test_the_leaderboard_says_where_a_setting_searches_or_chooses_its_lr_otherwise(own, line) -> None:
+    setting = {"train_size": 8, "test_size": 8, "epochs": 1, "lr_factors": list(bench.LR_FACTORS), **own}
+    report = {
+        "command": "structpeft bench",
+        "seeds": 1,
+        "quick": False,
+        "lr_factors": list(bench.LR_FACTORS),
+        "skipped": {},
+        "suites": {"s": {"about": "a suite", "settings": {"one": {"setting": setting, "rows": []}}}},
+    }
+    board = bench.leaderboard(report)
+    own_lines = [text for text in board.splitlines() if text.startswith("Learning rates here")]
+    if line is None:
+        assert own_lines == []
+    else:
+        assert len(own_lines) == 1 and line in own_lines[0], own_lines
+        assert ("validation loss" in own_lines[0]) == (own.get("choose_by") == "loss")
+
+
 def test_a_rerun_trains_nothing_and_gives_the_same_leaderboard(tiny, tmp_path) -> None:
     first = Counting()
     report = _bench(tiny, tmp_path, first)

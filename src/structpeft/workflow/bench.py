@@ -608,7 +608,8 @@ def leaderboard(report: dict[str, Any]) -> str:
     protocol = (
         "the default learning rate (no search) — `--quick`: tiny subsets, checks the machinery, not the numbers."
         if report["quick"]
-        else f"the learning rate chosen on validation (grid: the default × {grid}, seed 0)."
+        else f"the learning rate chosen on validation (grid: the default × {grid}, seed 0, unless a setting says "
+        "otherwise below)."
     )
     lines += [f"Test scores, mean ± std over {report['seeds']} seed(s) (zero-shot: one run), at {protocol}", ""]
     for name, reason in report["skipped"].items():
@@ -650,13 +651,15 @@ def leaderboard(report: dict[str, Any]) -> str:
 
 
 def _own_grid(setting: dict[str, Any], report: dict[str, Any]) -> list[str]:
-    """A line on a setting's learning-rate grid where it is not the suite-wide one."""
+    """A line on a setting's learning-rate grid and choice where they are not the suite-wide ones."""
     factors, steps = setting.get("lr_factors", report["lr_factors"]), setting.get("lr_edge_steps", 0)
-    if report["quick"] or (list(factors) == list(report["lr_factors"]) and not steps):
+    by_loss = setting.get("choose_by") == "loss"
+    if report["quick"] or (list(factors) == list(report["lr_factors"]) and not steps and not by_loss):
         return []
     grid = ", ".join(f"{f:.3g}" for f in factors)
     beyond = f"; a best lr at an edge earns up to {steps} more, x{LR_EDGE_STEP:g} beyond it" if steps else ""
-    return [f"Learning rates here: the default × {grid}{beyond} (the column shows the one chosen).", ""]
+    choice = "the lowest validation loss" if by_loss else "validation accuracy, then loss"
+    return [f"Learning rates here: the default × {grid}{beyond}, chosen by {choice} (the column shows it).", ""]
 
 
 def _scores(row: dict[str, Any]) -> dict[str, dict[str, float]]:
