@@ -184,6 +184,30 @@ def test_a_failed_merge_into_a_quantized_base_restores_it(llama_folder) -> None:
     assert torch.isfinite(after).all() and after.shape == before.shape
 
 
+@pytest.mark.parametrize("failure", ["unmergeable", "non-finite"])
+def test_a_refused_or_failed_dequantizing_merge_leaves_the_base_quantized(llama_folder, failure) -> None:
+    """merge_and_unload(dequantize=True) swaps every quantized layer for a float one: a refusal comes before
+    the swap, and a merge failing part-way puts the quantized layers back, so nothing changes either way."""
+    configs = [METHODS["lora"](), METHODS["surm-adapter"]()] if failure == "unmergeable" else METHODS["lora"]()
+    model = sp.get_peft_model(_load(llama_folder, "nf4"), configs)
+    layers = {n: m for n, m in model.base_model.named_modules() if quant_backend(m) is not None}
+    assert layers and model.base_model.config.quantization_config
+    if failure == "non-finite":
+        with torch.no_grad():
+            model.base_model.model.layers[0].self_attn.q_proj.adapters["default"]["lora"].lora_B.weight[0, 0] = float(
+                "nan"
+            )
+    before = _logits(model) if failure == "unmergeable" else None
+    with pytest.raises(ValueError, match="Nothing was merged"):
+        model.merge_and_unload(dequantize=True)
+    after = {n: m for n, m in model.base_model.named_modules() if quant_backend(m) is not None}
+    assert after.keys() == layers.keys() and all(after[n] is layers[n] for n in layers)
+    assert model.base_model.config.quantization_config  # still marked quantized
+    assert not any(h.merged_adapters for _, h in model.adapter_hosts())
+    if before is not None:
+        torch.testing.assert_close(_logits(model), before, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "torchao-int8"])
 def test_checkpoints_move_between_the_quantized_and_the_float_base(llama_folder, tmp_path, quantization) -> None:
     torch.manual_seed(0)

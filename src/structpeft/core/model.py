@@ -432,15 +432,7 @@ class PeftModel(nn.Module):
         copy of the weights it writes, held in CPU memory while it runs.
         """
         del safe_merge  # always safe, see above
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or self.active_adapters)
-        self._check_exists(names)
-        kept = self._unmergeable(names)
-        if kept and not keep_unmergeable:
-            listing = "; ".join(f"{name} ({', '.join(methods)})" for name, methods in kept.items())
-            raise ValueError(
-                f"cannot merge: these modules carry deltas that do not fold into weights: {listing}. Nothing was "
-                "merged. Pass keep_unmergeable=True to merge the rest and keep these modules adapted."
-            )
+        names, kept = self._merge_plan(adapter_names, keep_unmergeable)
         hosts = [(n, h) for n, h in self.adapter_hosts() if n not in kept and any(a in h.adapters for a in names)]
         tied_before = getattr(getattr(self.base_model, "config", None), "tie_word_embeddings", True)
         untied = self._untie([h for _, h in hosts if isinstance(h, AdaptedLayer)])
@@ -469,6 +461,22 @@ class PeftModel(nn.Module):
                 raise ValueError(f"cannot merge into module {failing!r}: {e}. Nothing was merged.") from e
             raise
         return set(kept)
+
+    def _merge_plan(
+        self, adapter_names: str | list[str] | None, keep_unmergeable: bool
+    ) -> tuple[list[str], dict[str, list[str]]]:
+        """The adapters to merge and the modules whose deltas cannot merge; refuses (changing nothing) when
+        there are such modules and ``keep_unmergeable`` is not set."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names or self.active_adapters)
+        self._check_exists(names)
+        kept = self._unmergeable(names)
+        if kept and not keep_unmergeable:
+            listing = "; ".join(f"{name} ({', '.join(methods)})" for name, methods in kept.items())
+            raise ValueError(
+                f"cannot merge: these modules carry deltas that do not fold into weights: {listing}. Nothing was "
+                "merged. Pass keep_unmergeable=True to merge the rest and keep these modules adapted."
+            )
+        return names, kept
 
     def _untie(self, hosts: list[AdaptedLayer]) -> list[tuple[nn.Module, nn.Parameter]]:
         """Give each host whose weight another module shares (tied input and output embeddings) its own
@@ -511,9 +519,18 @@ class PeftModel(nn.Module):
         so the merge is exact: the returned float model computes what the unmerged adapted model did, up to
         the quantization of the base's activations in its matmuls.
         """
+        quantized: list[tuple[str, nn.Module]] = []
         if dequantize:
-            self._dequantize_base()
-        kept = self.merge_adapter(adapter_names, keep_unmergeable=keep_unmergeable, safe_merge=safe_merge)
+            self._merge_plan(adapter_names, keep_unmergeable)  # a refusal comes before the base changes
+            quantized = self._dequantize_base()
+        try:
+            kept = self.merge_adapter(adapter_names, keep_unmergeable=keep_unmergeable, safe_merge=safe_merge)
+        except BaseException:  # merge_adapter restored the weights; put the quantized layers back too
+            for name, layer in quantized:
+                set_submodule(self.base_model, name, layer)
+            raise
+        if quantized:
+            forget_quantization(self.base_model)
         errors = {
             n: h.requantization_error for n, h in self.adapter_hosts() if getattr(h, "requantization_error", None)
         }
@@ -527,12 +544,15 @@ class PeftModel(nn.Module):
             )
         return self.unload(keep=kept)
 
-    def _dequantize_base(self) -> None:
-        """Every quantized linear layer of the base, adapted or not, replaced by its float dequantization."""
+    def _dequantize_base(self) -> list[tuple[str, nn.Module]]:
+        """Every quantized linear layer of the base, adapted or not, replaced by its float dequantization;
+        returns the quantized layers replaced, by path."""
+        replaced = []
         for name, module in list(self.base_model.named_modules()):
             if quant_backend(module, name) is not None:
+                replaced.append((name, module))
                 set_submodule(self.base_model, name, to_float_linear(module))
-        forget_quantization(self.base_model)
+        return replaced
 
     def unload(self, keep: set[str] = frozenset()) -> nn.Module:
         """Return the base model with every wrapper removed (unmerged deltas are dropped), but for
