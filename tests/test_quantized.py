@@ -243,9 +243,32 @@ def test_a_quantized_layer_without_a_backend_is_refused_by_name() -> None:
 
     model = nn.Sequential(PackedLinear())
     with pytest.raises(
-        TypeError, match=r"PackedLinear with a Parameter \(torch.uint8\) weight: a quantized layer .* bitsandbytes"
+        TypeError, match=r"PackedLinear with a Parameter \(torch.uint8\) 'weight': a quantized layer .* bitsandbytes"
     ):
         sp.get_peft_model(model, sp.LoraConfig(target_modules=["0"]))
+
+
+class GPTQStyleLinear(nn.Module):
+    """A quantized linear as GPTQ and AWQ layers are: packed int32 buffers and float scales, no parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 64, 32
+        self.register_buffer("qweight", torch.zeros(8, 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(1, 32, dtype=torch.float16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., : self.out_features]
+
+
+@pytest.mark.parametrize("targets", [["1"], "all-linear"])
+def test_a_buffer_only_quantized_layer_is_refused_by_name_when_targeted_or_swept(targets) -> None:
+    model = nn.Sequential(nn.Linear(64, 64), GPTQStyleLinear(), nn.Linear(32, 8))
+    with pytest.raises(TypeError, match=r"module '1' is a .*GPTQStyleLinear with a Tensor \(torch.int32\) 'qweight'"):
+        sp.get_peft_model(model, sp.LoraConfig(target_modules=targets))
+    assert not any(isinstance(m, sp.PeftModel) for m in model.modules()) and all(
+        p.requires_grad for p in model.parameters()
+    )
 
 
 def test_the_dense_weight_of_a_4bit_layer_is_the_one_it_computes_with(llama_folder) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -196,7 +197,7 @@ class PeftModel(nn.Module):
             method = config.peft_type.lower()
             for name in config.find_targets(self.base_model, saved):
                 target = unwrapped(get_submodule(self.base_model, name))
-                device = next(target.parameters()).device
+                device = next(itertools.chain(target.parameters(), target.buffers()), torch.empty(0)).device
                 for relative, delta in config.create_deltas(target, name).items():
                     path = ".".join(p for p in (name, relative) if p)
                     deltas = plan.setdefault(path, {})

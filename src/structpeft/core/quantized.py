@@ -171,16 +171,29 @@ def quant_backend(layer: nn.Module, name: str = "") -> QuantBackend | None:
     backend = _matching_backend(layer)
     if backend is not None:
         return backend
-    weight = layer._parameters.get("weight")  # a layer's own weight, not one a wrapper forwards
-    # Packed storage (an integer dtype), or a quantized tensor subclass (torchao's report a float dtype).
-    foreign = weight is not None and type(weight).__module__.split(".")[0] not in ("torch", "builtins")
-    if weight is not None and (not weight.is_floating_point() or foreign):
+    packed = packed_weight(layer)
+    if packed is not None:
+        key, weight = packed
         raise TypeError(
             f"module {name or '?'!r} is a {type(layer).__module__}.{type(layer).__name__} with a "
-            f"{type(weight).__name__} ({weight.dtype}) weight: a quantized layer structpeft has no backend for "
-            f"(supported: {SUPPORTED}). Drop it from "
-            "target_modules, or load the base unquantized"
+            f"{type(weight).__name__} ({weight.dtype}) {key!r}: a quantized layer structpeft has no backend for "
+            f"(supported: {SUPPORTED}). Drop it from target_modules, or load the base unquantized"
         )
+    return None
+
+
+def packed_weight(layer: nn.Module) -> tuple[str, torch.Tensor] | None:
+    """A layer's own quantized weight storage, by name: a weight of an integer dtype or a quantized tensor
+    subclass (torchao's report a float dtype), or the packed ``qweight`` / ``W_q`` tensors that GPTQ, AWQ
+    and HQQ layers keep, as parameters or buffers. None for a float layer."""
+    own = {**layer._buffers, **layer._parameters}  # not tensors a wrapper forwards from its base layer
+    for key in ("weight", "qweight", "W_q"):
+        tensor = own.get(key)
+        if tensor is None:
+            continue
+        foreign = type(tensor).__module__.split(".")[0] not in ("torch", "builtins")
+        if not tensor.is_floating_point() or foreign:
+            return key, tensor
     return None
 
 

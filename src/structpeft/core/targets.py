@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from structpeft.core.layers import AdaptedLayer, HFConv1D, ModuleAdapters, ModulesToSave
+from structpeft.core.quantized import packed_weight, quant_backend
 
 ALL_LINEAR = "all-linear"
 
@@ -78,6 +79,10 @@ def resolve_targets(
         if target_modules.lower() == ALL_LINEAR:
             skip = _output_layer_names(model)
             names = [n for n, m in modules if is_linear(unwrapped(m)) and n not in skip]
+            others = [(n, unwrapped(m)) for n, m in modules if not is_linear(unwrapped(m))]
+            for name, module in others:  # leaving them out would adapt less than 'all-linear' asks, silently
+                if packed_weight(module) is not None:
+                    quant_backend(module, name)  # the error naming it and the supported backends
             if not names:
                 raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in the model")
             return names
