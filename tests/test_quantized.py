@@ -160,9 +160,13 @@ def test_merging_into_a_quantized_base(llama_folder, quantization, method) -> No
     assert (_logits(exact) - unmerged).abs().max().item() < tolerance
 
     requantized_model = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="requantizing the .* merged layers changed their weights by up to"):
+    with pytest.warns(UserWarning, match="requantizing the .* merged layers changed their weights by up to") as record:
         requantized = requantized_model.merge_and_unload()
     assert all(quant_backend(m) is not None for n, m in requantized.named_modules() if n.endswith("q_proj"))
+    errors = {n: m.requantization_error for n, m in requantized.named_modules() if hasattr(m, "requantization_error")}
+    adapted = {n for n, _ in model.adapter_hosts()}
+    assert errors.keys() == adapted and all(0 < e < 1 for e in errors.values()), errors  # each merged layer's own
+    assert f"up to {max(errors.values()):.3g}" in str(record[0].message)
     # Lossy, but the adapter is in: the merged model is nearer the adapted model than the base is.
     assert (_logits(requantized) - unmerged).abs().max().item() < moved
 

@@ -514,8 +514,8 @@ class PeftModel(nn.Module):
         acting); every other module is merged and unwrapped. ``safe_merge`` as in merge_adapter().
 
         On a quantized base (bitsandbytes 4-bit or 8-bit) each adapted weight is dequantized, shifted and
-        quantized again, which is lossy: the largest relative change requantization made is warned about
-        (each layer's is in ``requantization_error`` until the wrappers go). ``dequantize=True`` first turns
+        quantized again, which is lossy: the largest relative change requantization made is warned about,
+        and each merged layer keeps its own in its ``requantization_error`` attribute. ``dequantize=True`` first turns
         every quantized linear layer of the model into a float ``nn.Linear`` holding its dequantized weight,
         so the merge is exact: the returned float model computes what the unmerged adapted model did, up to
         the quantization of the base's activations in its matmuls.
@@ -532,15 +532,17 @@ class PeftModel(nn.Module):
             raise
         if quantized:
             forget_quantization(self.base_model)
-        errors = {
-            n: h.requantization_error for n, h in self.adapter_hosts() if getattr(h, "requantization_error", None)
-        }
+        errors = {}
+        for name, host in self.adapter_hosts():
+            if getattr(host, "requantization_error", None) is not None and name not in kept:
+                errors[name] = host.base_layer.requantization_error = host.requantization_error  # outlives the host
         if errors:
             worst = max(errors, key=errors.get)
             warnings.warn(
                 f"merged into a quantized base: requantizing the {len(errors)} merged layers changed their weights "
-                f"by up to {errors[worst]:.3g} (relative Frobenius, {worst}). merge_and_unload(dequantize=True) "
-                "keeps the merged weights in float instead.",
+                f"by up to {errors[worst]:.3g} (relative Frobenius, {worst}; each merged layer keeps its own in "
+                "its requantization_error attribute). merge_and_unload(dequantize=True) keeps the merged weights "
+                "in float instead.",
                 stacklevel=2,
             )
         return self.unload(keep=kept)
