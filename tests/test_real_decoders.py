@@ -56,12 +56,17 @@ def _greedy_without_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return ids
 
 
-def test_coeff_starts_as_the_base_model(decoder) -> None:
+@pytest.mark.parametrize(
+    "config",
+    [lambda: sp.CoeffConfig(dropout=0.0), lambda: sp.KernelMixConfig(dropout=0.0)],
+    ids=["coeff", "kernel-mix"],
+)
+def test_an_attention_method_starts_as_the_base_model(decoder, config) -> None:
     _, load, tokenizer = decoder
     ids = _prompt(tokenizer)
     with torch.no_grad():
         base = load()(input_ids=ids).logits
-        adapted = sp.get_peft_model(load(), sp.CoeffConfig(dropout=0.0)).eval()
+        adapted = sp.get_peft_model(load(), config()).eval()
         assert torch.allclose(adapted(input_ids=ids).logits, base, atol=1e-4)
 
 
