@@ -67,16 +67,17 @@ def test_load_best_model_at_end_reloads_the_best_checkpoints_adapter(tmp_path) -
         save_steps=2,
         eval_strategy="steps",
         eval_steps=2,
-        load_best_model_at_end=True,
-        learning_rate=0.5,  # large enough that the last step is not the best one
+        load_best_model_at_end=True,  # validation rows unlike the training rows: the first checkpoint is best
     )
     trainer = Trainer(model=model, args=args, train_dataset=_lm_rows(), eval_dataset=_lm_rows(8, seed=1))
     trainer.train()
     best = trainer.state.best_model_checkpoint
-    assert best is not None
+    assert best is not None and not best.endswith("checkpoint-6"), best  # else the reload would go unseen
     saved = sp.PeftModel.from_pretrained(tiny_gpt2(), best)
     loaded, reloaded = _adapter(model), _adapter(saved)
     assert all(torch.equal(loaded[k], reloaded[k]) for k in loaded)
+    last = _adapter(sp.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "checkpoint-6"))
+    assert any(not torch.equal(loaded[k], last[k]) for k in loaded)  # the model left is not the last step's
 
 
 def test_trainer_refuses_a_model_without_structpeft_adapters(tmp_path) -> None:
@@ -93,7 +94,10 @@ def test_load_adapter_weights_checks_it_is_the_same_adapter(tmp_path) -> None:
 
 
 # -- TRL ------------------------------------------------------------------------------------------
-trl = pytest.importorskip("trl")
+@pytest.fixture
+def trl():
+    """TRL, an optional extra: its tests skip without it (the Trainer tests above still run)."""
+    return pytest.importorskip("trl")
 
 
 def _llama(targets=("q_proj", "v_proj"), **kw) -> sp.PeftModel:
@@ -105,7 +109,7 @@ def _base_state(model: sp.PeftModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "adapters" not in n}
 
 
-def test_sft_trainer_trains_and_saves_a_structpeft_adapter(tmp_path) -> None:
+def test_sft_trainer_trains_and_saves_a_structpeft_adapter(trl, tmp_path) -> None:
     from datasets import Dataset
 
     from structpeft.integrations.trl import SFTTrainer
@@ -132,7 +136,7 @@ def test_sft_trainer_trains_and_saves_a_structpeft_adapter(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("where", ["target_modules", "modules_to_save"])
-def test_trl_refuses_an_adapter_on_the_lm_head_by_name(where: str, tmp_path) -> None:
+def test_trl_refuses_an_adapter_on_the_lm_head_by_name(trl, where: str, tmp_path) -> None:
     from structpeft.integrations.trl import SFTTrainer
 
     model = _llama(targets=["q_proj", "lm_head"]) if where == "target_modules" else _llama(modules_to_save=["lm_head"])
@@ -140,7 +144,7 @@ def test_trl_refuses_an_adapter_on_the_lm_head_by_name(where: str, tmp_path) -> 
         SFTTrainer(model=model, args=trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True))
 
 
-def test_dpo_reference_is_the_model_with_adapters_off_and_the_adapter_trains(tmp_path) -> None:
+def test_dpo_reference_is_the_model_with_adapters_off_and_the_adapter_trains_and_saves(trl, tmp_path) -> None:
     from datasets import Dataset
 
     from structpeft.integrations.trl import AdaptersDisabled, DPOTrainer
@@ -159,6 +163,7 @@ def test_dpo_reference_is_the_model_with_adapters_off_and_the_adapter_trains(tmp
     config = trl.DPOConfig(
         output_dir=str(tmp_path),
         max_steps=2,
+        save_steps=2,
         per_device_train_batch_size=2,
         report_to=[],
         learning_rate=1e-2,
@@ -170,6 +175,10 @@ def test_dpo_reference_is_the_model_with_adapters_off_and_the_adapter_trains(tmp
     after = _adapter(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert trainer.state.log_history[-1]["train_loss"] > 0
+    files = set(os.listdir(tmp_path / "checkpoint-2"))
+    assert "adapter_model.safetensors" in files and not files & {"model.safetensors", "pytorch_model.bin"}
+    reloaded = _adapter(sp.PeftModel.from_pretrained(tiny_llama(), tmp_path / "checkpoint-2"))
+    assert all(torch.equal(after[k], reloaded[k]) for k in after)
 
 
 def test_a_model_read_from_a_gguf_file_trains(tmp_path) -> None:
