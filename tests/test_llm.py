@@ -130,6 +130,39 @@ def test_a_chat_run_reports_the_base_models_validation_loss_and_generates_throug
     assert main([*args, "--temperature", "-1"]) == 2
 
 
+def test_generate_passes_its_length_and_sampling_flags_to_the_model(assets, tmp_path, monkeypatch, capsys) -> None:
+    import transformers
+
+    _finetune(tmp_path, "--model", str(assets["llama"]), "--task", str(assets["chat"]), "--epochs", "1")
+    calls = []
+    original = transformers.GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):
+        ids = original(self, *args, **kwargs)
+        calls.append((kwargs, ids.shape[1] - kwargs["input_ids"].shape[1]))
+        return ids
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", recording)
+    args = ["generate", "--adapter", str(tmp_path / "run"), "--prompt", "good film"]
+    assert main([*args, "--max-new-tokens", "3"]) == 0
+    assert main([*args, "--max-new-tokens", "5", "--temperature", "0.7", "--top-p", "0.9"]) == 0
+    (greedy, greedy_new), (sampled, sampled_new) = calls
+    assert greedy["max_new_tokens"] == 3 and greedy["do_sample"] is False and 1 <= greedy_new <= 3
+    assert sampled["max_new_tokens"] == 5 and 1 <= sampled_new <= 5
+    assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"]) == (True, 0.7, 0.9)
+
+
+@pytest.mark.parametrize(
+    ("model", "task", "choice", "refusal"),
+    [("llama", "chat", "off", "need the template"), ("plain", "completions", "on", "has no chat template")],
+)
+def test_chat_template_flag_from_the_command_line(assets, tmp_path, capsys, model, task, choice, refusal) -> None:
+    code, metrics = fx.finetune(
+        tmp_path, "--model", str(assets[model]), "--task", str(assets[task]), "--chat-template", choice
+    )
+    assert code == 2 and metrics is None and refusal in capsys.readouterr().err
+
+
 def test_a_resumed_run_keeps_the_base_loss_its_first_start_measured(assets, tmp_path, monkeypatch) -> None:
     from structpeft.workflow import run as run_module
 
