@@ -225,17 +225,36 @@ def test_checkpoints_move_between_the_quantized_and_the_float_base(llama_folder,
     torch.testing.assert_close(_logits(back), _logits(on_quantized), rtol=0, atol=0)
 
 
-def test_an_hf_peft_qlora_checkpoint_gives_the_same_logits(llama_folder, tmp_path) -> None:
+def _same_4bit_kernels(model: nn.Module) -> nn.Module:
+    for module in model.modules():  # not bitsandbytes' CPU inference repacking, which only one side would take
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.mark.parametrize(("saved_on", "loaded_on"), [("nf4", "nf4"), ("nf4", None), (None, "nf4")])
+def test_hf_peft_and_structpeft_lora_checkpoints_cross_between_quantized_and_float_bases(
+    llama_folder, tmp_path, saved_on, loaded_on
+) -> None:
+    """An HF PEFT QLoRA checkpoint in structpeft and a structpeft one in HF PEFT, each on the base it was
+    trained on and on the other: the same logits as the writing library on that base."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False)
-    theirs = peft.get_peft_model(_load(llama_folder, "nf4"), config).eval()
-    theirs.save_pretrained(tmp_path / "qlora")
-    for module in theirs.modules():  # the same 4-bit kernels as ours (not bitsandbytes' CPU inference repacking)
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    ours = sp.PeftModel.from_pretrained(_load(llama_folder, "nf4"), tmp_path / "qlora")
-    torch.testing.assert_close(_logits(ours), _logits(theirs), rtol=1e-5, atol=1e-5)
+    theirs = peft.get_peft_model(_load(llama_folder, saved_on), config).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = sp.PeftModel.from_pretrained(_load(llama_folder, loaded_on), tmp_path / "hf")
+    reference = _same_4bit_kernels(peft.PeftModel.from_pretrained(_load(llama_folder, loaded_on), tmp_path / "hf"))
+    torch.testing.assert_close(_logits(ours), _logits(reference.eval()), rtol=1e-5, atol=1e-5)
+    with ours.disable_adapter():
+        assert (_logits(ours) - _logits(reference.eval())).abs().max() > 1e-2  # the adapter acts
+
+    torch.manual_seed(1)
+    mine = sp.get_peft_model(_load(llama_folder, saved_on), METHODS["lora"]()).eval()
+    mine.save_pretrained(tmp_path / "ours")
+    in_peft = _same_4bit_kernels(peft.PeftModel.from_pretrained(_load(llama_folder, loaded_on), tmp_path / "ours"))
+    again = sp.PeftModel.from_pretrained(_load(llama_folder, loaded_on), tmp_path / "ours")
+    torch.testing.assert_close(_logits(in_peft.eval()), _logits(again), rtol=1e-5, atol=1e-5)
 
 
 def test_a_quantized_layer_without_a_backend_is_refused_by_name() -> None:
