@@ -356,6 +356,29 @@ def test_finetune_quantize_trains_and_the_run_evaluates_generates_and_exports(tm
     assert refused.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
 
 
+def test_finetune_in_bf16_on_a_4bit_base_computes_in_bf16_and_learns(tmp_path, monkeypatch) -> None:
+    from structpeft.workflow import run
+    from tests import workflow_fixtures as fx
+
+    decoder = fx.save_decoder(tmp_path / "llama", "llama", chat_template=fx.CHAT_TEMPLATE, hidden_size=128)
+    chat = fx.write_jsonl(tmp_path / "chat.jsonl", fx.conversations(24))
+    loaded_dtypes = []
+    load_model = run.load_model
+
+    def recording(*args, **kwargs):
+        loaded = load_model(*args, **kwargs)
+        loaded_dtypes.extend({m.compute_dtype for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)})
+        return loaded
+
+    monkeypatch.setattr(run, "load_model", recording)
+    code, metrics = fx.finetune(
+        tmp_path, "--model", str(decoder), "--task", str(chat), "--quantize", "fp4", "--bf16", "--lr", "0.01"
+    )
+    assert code == 0 and metrics["status"] == "finished" and metrics["spec"]["bf16"] is True
+    assert loaded_dtypes == [torch.bfloat16]  # every 4-bit layer computes in bf16
+    assert metrics["val"]["loss"] < metrics["base_val"]["loss"]
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 @pytest.mark.parametrize("method", ["lora", "kernel-mix"])
 def test_a_classifier_on_a_quantized_base_trains_its_new_head_in_float(tmp_path, quantization, method) -> None:
