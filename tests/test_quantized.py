@@ -84,8 +84,10 @@ def _logits(model: nn.Module) -> torch.Tensor:
         return model(input_ids=IDS).logits.float()
 
 
-def _base_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: _plain(p) for n, p in model.named_parameters() if "base_layer" in n or not p.requires_grad}
+def _base_state(model: sp.PeftModel) -> dict[str, torch.Tensor]:
+    """Every parameter that is not the adapter's (compared by identity, not by name or flag)."""
+    adapter = {id(p) for _, p in model.adapter_parameters()}
+    return {n: _plain(p) for n, p in model.named_parameters() if id(p) not in adapter}
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
@@ -97,11 +99,25 @@ def _plain(tensor: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 @pytest.mark.parametrize("method", METHODS)
-def test_every_weight_method_trains_on_a_quantized_base(llama_folder, quantization, method) -> None:
+def test_every_weight_method_trains_on_a_quantized_base(llama_folder, quantization, method, monkeypatch) -> None:
+    """Two steps: finite losses, every adapter tensor moves, no base tensor moves or requires grad, and the
+    base is never dequantized by structpeft on the way (the quantized layers run their own kernels)."""
+    import dataclasses
+
+    from structpeft.core import quantized
+
     torch.manual_seed(0)
     model = sp.get_peft_model(_load(llama_folder, quantization), METHODS[method]())
     assert any(quant_backend(m) is not None for m in model.modules())
     frozen = _base_state(model)
+    assert frozen and all(not model.get_parameter(n).requires_grad for n in frozen)
+    dequantized = []
+
+    def counting(dequantize):
+        return lambda layer: dequantized.append(layer) or dequantize(layer)
+
+    backends = tuple(dataclasses.replace(b, dequantize=counting(b.dequantize)) for b in quantized.BACKENDS)
+    monkeypatch.setattr(quantized, "BACKENDS", backends)
     before = {n: p.detach().clone() for n, p in model.adapter_parameters()}
     optimizer = torch.optim.AdamW([p for _, p in model.adapter_parameters()], lr=1e-2)
     model.train()
@@ -121,6 +137,7 @@ def test_every_weight_method_trains_on_a_quantized_base(llama_folder, quantizati
     for name, p in model.named_parameters():
         if name in frozen:
             assert not p.requires_grad and torch.equal(_plain(p), frozen[name]), name
+    assert dequantized == []  # not on the hot path (Kernel-mix read its keys once, at creation)
 
 
 @pytest.mark.parametrize("quantization", ["nf4", "int8", "torchao-int8"])
