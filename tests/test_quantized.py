@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import structpeft as sp
+from structpeft.core.layers import AdaptedLayer, ModuleAdapters
 from structpeft.core.quantized import dense_weight, quant_backend, to_float_linear
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -179,11 +180,12 @@ def test_merging_into_a_quantized_base(llama_folder, quantization, method) -> No
     requantized_model = copy.deepcopy(model)
     with pytest.warns(UserWarning, match="requantizing the .* merged layers changed their weights by up to") as record:
         requantized = requantized_model.merge_and_unload()
+    warned = next(str(w.message) for w in record if "requantizing" in str(w.message))
     assert all(quant_backend(m) is not None for n, m in requantized.named_modules() if n.endswith("q_proj"))
     errors = {n: m.requantization_error for n, m in requantized.named_modules() if hasattr(m, "requantization_error")}
     adapted = {n for n, _ in model.adapter_hosts()}
     assert errors.keys() == adapted and all(0 < e < 1 for e in errors.values()), errors  # each merged layer's own
-    assert f"up to {max(errors.values()):.3g}" in str(record[0].message)
+    assert f"up to {max(errors.values()):.3g}" in warned
     # Lossy, but the adapter is in: the merged model is nearer the adapted model than the base is.
     assert (_logits(requantized) - unmerged).abs().max().item() < moved
 
@@ -249,6 +251,38 @@ def _same_4bit_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
+def test_a_dequantizing_merge_refuses_an_unreadable_quantized_layer_before_swapping_any(llama_folder) -> None:
+    model = sp.get_peft_model(_load(llama_folder, "nf4"), METHODS["lora"]())
+    model.base_model.model.add_module("packed", GPTQStyleLinear())  # found last, after every 4-bit layer
+    layers = {n: m for n, m in model.base_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    with pytest.raises(TypeError, match="'model.packed' is a .*GPTQStyleLinear"):
+        model.merge_and_unload(dequantize=True)
+    now = {n: m for n, m in model.base_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert now.keys() == layers.keys() and all(now[n] is layers[n] for n in layers)
+
+
+def test_a_dequantizing_merge_keeps_what_cannot_merge_adapted_on_the_float_base(llama_folder) -> None:
+    model = sp.get_peft_model(_load(llama_folder, "nf4"), [METHODS["lora"](), METHODS["surm-adapter"]()])
+    unmerged = _logits(model)
+    merged = model.merge_and_unload(dequantize=True, keep_unmergeable=True)
+    assert not any(quant_backend(m) is not None for m in merged.modules())
+    kept = [n for n, m in merged.named_modules() if isinstance(m, AdaptedLayer)]
+    assert kept and all(n.endswith("o_proj") for n in kept)  # the SURM adapters, still acting
+    assert (_logits(merged) - unmerged).abs().max().item() < 1e-2
+
+
+def test_only_the_layers_a_merge_wrote_report_a_requantization_error(llama_folder) -> None:
+    model = sp.get_peft_model(_load(llama_folder, "nf4"), METHODS["lora"]())
+    model.merge_adapter()
+    model.unmerge_adapter()  # every layer now holds the error of that unmerge
+    model.add_adapter("b", sp.LoraConfig(r=2, target_modules=["q_proj"], init_weights=False))
+    with pytest.warns(UserWarning, match="requantizing the 2 merged layers") as record:
+        merged = model.merge_and_unload(adapter_names=["b"])
+    assert any("requantizing the 2 merged layers" in str(w.message) for w in record)
+    reported = [n for n, m in merged.named_modules() if hasattr(m, "requantization_error")]
+    assert len(reported) == 2 and all(n.endswith("q_proj") for n in reported), reported
+
+
 @pytest.mark.parametrize(("saved_on", "loaded_on"), [("nf4", "nf4"), ("nf4", None), (None, "nf4")])
 def test_hf_peft_and_structpeft_lora_checkpoints_cross_between_quantized_and_float_bases(
     llama_folder, tmp_path, saved_on, loaded_on
@@ -306,9 +340,8 @@ def test_a_buffer_only_quantized_layer_is_refused_by_name_when_targeted_or_swept
     model = nn.Sequential(nn.Linear(64, 64), GPTQStyleLinear(), nn.Linear(32, 8))
     with pytest.raises(TypeError, match=r"module '1' is a .*GPTQStyleLinear with a Tensor \(torch.int32\) 'qweight'"):
         sp.get_peft_model(model, sp.LoraConfig(target_modules=targets))
-    assert not any(isinstance(m, sp.PeftModel) for m in model.modules()) and all(
-        p.requires_grad for p in model.parameters()
-    )
+    assert not any(isinstance(m, AdaptedLayer | ModuleAdapters) for m in model.modules())  # nothing attached
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen
 
 
 def test_the_dense_weight_of_a_4bit_layer_is_the_one_it_computes_with(llama_folder) -> None:

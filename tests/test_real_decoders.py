@@ -184,10 +184,10 @@ def test_the_preset_fine_tunes_from_the_command_line_and_generates(name, tmp_pat
     pytest.importorskip("gguf")
     flags = ["--model", name, "--task", "wordnet-definitions", "--train-size", "32", "--test-size", "8"]
     code, metrics = fx.finetune(tmp_path, *flags, "--max-length", "64", "--lr", "2e-3")
-    if code != 0 and "wordnet" in capsys.readouterr().err:
+    errors = capsys.readouterr().err  # and what generate prints comes next, alone
+    if code != 0 and "wordnet" in errors:
         pytest.skip("needs Debian's wordnet-base")
-    capsys.readouterr()  # what generate prints comes next, alone
-    assert code == 0 and metrics["status"] == "finished"
+    assert code == 0 and metrics["status"] == "finished", errors
     assert metrics["val"]["loss"] < metrics["base_val"]["loss"]  # 4 steps already move it
     assert main(["generate", "--adapter", str(tmp_path / "run"), "--prompt", "Define the noun 'cat':"]) == 0
     assert capsys.readouterr().out.strip()

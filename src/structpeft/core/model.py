@@ -520,22 +520,27 @@ class PeftModel(nn.Module):
         so the merge is exact: the returned float model computes what the unmerged adapted model did, up to
         the quantization of the base's activations in its matmuls.
         """
-        quantized: list[tuple[str, nn.Module]] = []
-        if dequantize:
-            self._merge_plan(adapter_names, keep_unmergeable)  # a refusal comes before the base changes
-            quantized = self._dequantize_base()
+        names, _ = self._merge_plan(adapter_names, keep_unmergeable)  # a refusal comes before anything changes
+        # Every quantized layer is found (and one no backend reads refused) before the first is swapped.
+        modules = self.base_model.named_modules() if dequantize else ()
+        quantized = [(n, m) for n, m in modules if quant_backend(m, n) is not None]
+        swapped: list[tuple[str, nn.Module]] = []
         try:
-            kept = self.merge_adapter(adapter_names, keep_unmergeable=keep_unmergeable, safe_merge=safe_merge)
-        except BaseException:  # merge_adapter restored the weights; put the quantized layers back too
             for name, layer in quantized:
+                set_submodule(self.base_model, name, to_float_linear(layer))
+                swapped.append((name, layer))
+            kept = self.merge_adapter(names, keep_unmergeable=keep_unmergeable, safe_merge=safe_merge)
+        except BaseException:  # merge_adapter restored the weights; put the quantized layers back too
+            for name, layer in swapped:
                 set_submodule(self.base_model, name, layer)
             raise
-        if quantized:
+        if swapped:
             forget_quantization(self.base_model)
         errors = {}
         for name, host in self.adapter_hosts():
-            if getattr(host, "requantization_error", None) is not None and name not in kept:
-                errors[name] = host.base_layer.requantization_error = host.requantization_error  # outlives the host
+            error = getattr(host, "requantization_error", None)  # of the host's last merge or unmerge
+            if error is not None and name not in kept and any(a in host.merged_adapters for a in names):
+                errors[name] = host.base_layer.requantization_error = error  # outlives the host
         if errors:
             worst = max(errors, key=errors.get)
             warnings.warn(
@@ -546,16 +551,6 @@ class PeftModel(nn.Module):
                 stacklevel=2,
             )
         return self.unload(keep=kept)
-
-    def _dequantize_base(self) -> list[tuple[str, nn.Module]]:
-        """Every quantized linear layer of the base, adapted or not, replaced by its float dequantization;
-        returns the quantized layers replaced, by path."""
-        replaced = []
-        for name, module in list(self.base_model.named_modules()):
-            if quant_backend(module, name) is not None:
-                replaced.append((name, module))
-                set_submodule(self.base_model, name, to_float_linear(module))
-        return replaced
 
     def unload(self, keep: set[str] = frozenset()) -> nn.Module:
         """Return the base model with every wrapper removed (unmerged deltas are dropped), but for

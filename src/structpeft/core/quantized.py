@@ -183,16 +183,18 @@ def quant_backend(layer: nn.Module, name: str = "") -> QuantBackend | None:
 
 
 def packed_weight(layer: nn.Module) -> tuple[str, torch.Tensor] | None:
-    """A layer's own quantized weight storage, by name: a weight of an integer dtype or a quantized tensor
-    subclass (torchao's report a float dtype), or the packed ``qweight`` / ``W_q`` tensors that GPTQ, AWQ
-    and HQQ layers keep, as parameters or buffers. None for a float layer."""
+    """A layer's own quantized weight storage, by name: a weight of an integer or 8-bit float dtype or a
+    quantized tensor subclass (torchao's report a float dtype), or the packed ``qweight`` / ``W_q`` tensors
+    that GPTQ, AWQ and HQQ layers keep, as parameters or buffers. None for a float layer."""
     own = {**layer._buffers, **layer._parameters}  # not tensors a wrapper forwards from its base layer
     for key in ("weight", "qweight", "W_q"):
         tensor = own.get(key)
         if tensor is None:
             continue
         foreign = type(tensor).__module__.split(".")[0] not in ("torch", "builtins")
-        if not tensor.is_floating_point() or foreign:
+        integer = not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+        float8 = tensor.is_floating_point() and tensor.element_size() == 1  # needs its scale to mean anything
+        if integer or float8 or foreign:
             return key, tensor
     return None
 

@@ -79,9 +79,11 @@ def resolve_targets(
         if target_modules.lower() == ALL_LINEAR:
             skip = _output_layer_names(model)
             names = [n for n, m in modules if is_linear(unwrapped(m)) and n not in skip]
-            others = [(n, unwrapped(m)) for n, m in modules if not is_linear(unwrapped(m))]
-            for name, module in others:  # leaving them out would adapt less than 'all-linear' asks, silently
-                if packed_weight(module) is not None:
+            for name, module in ((n, unwrapped(m)) for n, m in modules if n not in skip):
+                # A quantized linear layer of a library without a backend here (GPTQ, AWQ: not an nn.Linear)
+                # is refused by name: leaving it out would adapt less than 'all-linear' asks, silently.
+                linear_shaped = hasattr(module, "in_features") and hasattr(module, "out_features")
+                if linear_shaped and not is_linear(module) and packed_weight(module) is not None:
                     quant_backend(module, name)  # the error naming it and the supported backends
             if not names:
                 raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in the model")
