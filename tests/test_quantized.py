@@ -271,6 +271,25 @@ def test_a_dequantizing_merge_keeps_what_cannot_merge_adapted_on_the_float_base(
     assert (_logits(merged) - unmerged).abs().max().item() < 1e-2
 
 
+def test_a_dequantizing_merge_on_a_bf16_qlora_base_gives_bf16_layers(llama_folder) -> None:
+    """QLoRA as usually loaded (4-bit layers computing in bf16, the rest of the model in bf16): the float
+    layers that replace the 4-bit ones share the model's dtype, so the merged model runs."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(
+            llama_folder, quantization_config=config, device_map="cpu", dtype=torch.bfloat16
+        ).eval()
+    model = sp.get_peft_model(base, METHODS["lora"]())
+    unmerged = _logits(model)
+    merged = model.merge_and_unload(dequantize=True)
+    linears = [m for n, m in merged.named_modules() if n.endswith("proj")]
+    assert linears and all(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 for m in linears)
+    assert (_logits(merged) - unmerged).abs().max().item() < 5e-2  # bf16 rounding of the merged weights
+
+
 def test_only_the_layers_a_merge_wrote_report_a_requantization_error(llama_folder) -> None:
     model = sp.get_peft_model(_load(llama_folder, "nf4"), METHODS["lora"]())
     model.merge_adapter()

@@ -525,9 +525,10 @@ class PeftModel(nn.Module):
         modules = self.base_model.named_modules() if dequantize else ()
         quantized = [(n, m) for n, m in modules if quant_backend(m, n) is not None]
         swapped: list[tuple[str, nn.Module]] = []
+        dtype = self._base_float_dtype()  # a bf16 QLoRA base gets bf16 layers, or its matmuls would fail
         try:
             for name, layer in quantized:
-                set_submodule(self.base_model, name, to_float_linear(layer))
+                set_submodule(self.base_model, name, to_float_linear(layer, dtype))
                 swapped.append((name, layer))
             kept = self.merge_adapter(names, keep_unmergeable=keep_unmergeable, safe_merge=safe_merge)
         except BaseException:  # merge_adapter restored the weights; put the quantized layers back too
@@ -551,6 +552,13 @@ class PeftModel(nn.Module):
                 stacklevel=2,
             )
         return self.unload(keep=kept)
+
+    def _base_float_dtype(self) -> torch.dtype:
+        """The dtype of the base's own float weights (embeddings, norms, the head), not the adapters' float32
+        ones nor packed quantized storage; float32 for a base with none."""
+        adapter = {id(p) for _, p in self.adapter_parameters()}
+        own = (p for p in self.base_model.parameters() if id(p) not in adapter)
+        return next((p.dtype for p in own if p.is_floating_point() and p.element_size() > 1), torch.float32)
 
     def unload(self, keep: set[str] = frozenset()) -> nn.Module:
         """Return the base model with every wrapper removed (unmerged deltas are dropped), but for

@@ -220,15 +220,15 @@ def write_weight(layer: nn.Module, new_weight: torch.Tensor) -> float:
     return (held - new_weight.float()).norm().item() / max(new_weight.float().norm().item(), 1e-30)
 
 
-def to_float_linear(layer: nn.Module) -> nn.Linear:
-    """A plain ``nn.Linear`` holding a quantized layer's dequantized weight (float32) and its bias."""
+def to_float_linear(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """A plain ``nn.Linear`` holding a quantized layer's dequantized weight and its bias, in ``dtype``."""
     weight = dense_weight(layer)
     bias = getattr(layer, "bias", None)
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device)
+    dense = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
         dense.weight.copy_(weight)
         if bias is not None:
-            dense.bias.copy_(bias.float())
+            dense.bias.copy_(bias)
     return dense.requires_grad_(False)
 
 
