@@ -197,7 +197,7 @@ class PeftModel(nn.Module):
             method = config.peft_type.lower()
             for name in config.find_targets(self.base_model, saved):
                 target = unwrapped(get_submodule(self.base_model, name))
-                device = next(itertools.chain(target.parameters(), target.buffers()), torch.empty(0)).device
+                device = next((t.device for t in itertools.chain(target.parameters(), target.buffers())), "cpu")
                 for relative, delta in config.create_deltas(target, name).items():
                     path = ".".join(p for p in (name, relative) if p)
                     deltas = plan.setdefault(path, {})
@@ -525,7 +525,8 @@ class PeftModel(nn.Module):
         modules = self.base_model.named_modules() if dequantize else ()
         quantized = [(n, m) for n, m in modules if quant_backend(m, n) is not None]
         swapped: list[tuple[str, nn.Module]] = []
-        dtype = self._base_float_dtype()  # a bf16 QLoRA base gets bf16 layers, or its matmuls would fail
+        # A bf16 QLoRA base gets bf16 layers, or its matmuls would fail.
+        dtype = self._base_float_dtype() if quantized else None
         try:
             for name, layer in quantized:
                 set_submodule(self.base_model, name, to_float_linear(layer, dtype))

@@ -171,7 +171,7 @@ def quant_backend(layer: nn.Module, name: str = "") -> QuantBackend | None:
     backend = _matching_backend(layer)
     if backend is not None:
         return backend
-    packed = packed_weight(layer)
+    packed = _packed_weight(layer)
     if packed is not None:
         key, weight = packed
         raise TypeError(
@@ -182,7 +182,7 @@ def quant_backend(layer: nn.Module, name: str = "") -> QuantBackend | None:
     return None
 
 
-def packed_weight(layer: nn.Module) -> tuple[str, torch.Tensor] | None:
+def _packed_weight(layer: nn.Module) -> tuple[str, torch.Tensor] | None:
     """A layer's own quantized weight storage, by name: a weight of an integer or 8-bit float dtype or a
     quantized tensor subclass (torchao's report a float dtype), or the packed ``qweight`` / ``W_q`` tensors
     that GPTQ, AWQ and HQQ layers keep, as parameters or buffers. None for a float layer."""

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from structpeft.core.layers import AdaptedLayer, HFConv1D, ModuleAdapters, ModulesToSave
-from structpeft.core.quantized import packed_weight, quant_backend
+from structpeft.core.quantized import quant_backend
 
 ALL_LINEAR = "all-linear"
 
@@ -83,8 +83,8 @@ def resolve_targets(
                 # A quantized linear layer of a library without a backend here (GPTQ, AWQ: not an nn.Linear)
                 # is refused by name: leaving it out would adapt less than 'all-linear' asks, silently.
                 linear_shaped = hasattr(module, "in_features") and hasattr(module, "out_features")
-                if linear_shaped and not is_linear(module) and packed_weight(module) is not None:
-                    quant_backend(module, name)  # the error naming it and the supported backends
+                if linear_shaped and not is_linear(module):
+                    quant_backend(module, name)  # raises, naming it and the supported backends, if it is one
             if not names:
                 raise ValueError("target_modules='all-linear' found no nn.Linear or Conv1D layer in the model")
             return names
